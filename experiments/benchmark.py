@@ -3,6 +3,8 @@
     python experiments/benchmark.py [--out bench.json] [--steps 30] [--only ptb_23,...]
         [--no_malloc_tuning]
 
+``--no_malloc_tuning`` measures without `vae_jax.host`'s allocator settings (the "before").
+
 Prints a table and writes JSON: ``{"peak_gflops", "backend", "configs": [{"name", "emb",
 "hidden", "latent", "batch", "length", "ms_median", "ms_min", "ms_max", "compile_s",
 "sentences_per_s", "tokens_per_s", "gflops", "fraction_of_peak", "peak_rss_mb",
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--no_malloc_tuning", action="store_true")
     args = parser.parse_args()
     if not args.no_malloc_tuning:
+        host.reexec_with_malloc_tunables()
         host.keep_freed_memory()
     names = [n for n in args.only.split(",") if n] or [*CONFIGS, "iwnll_k500"]
     unknown = set(names) - {*CONFIGS, "iwnll_k500"}

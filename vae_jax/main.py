@@ -5,10 +5,15 @@
         --config.num_train_steps=2000
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from vae_jax import host
 
-from vae_jax import train
+if __name__ == "__main__":
+    host.reexec_with_malloc_tunables("vae_jax.main")  # before jax: see vae_jax.host
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vae_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
