@@ -30,6 +30,61 @@ def uniform_init(scale: float) -> nn.initializers.Initializer:
     return init
 
 
+@jax.custom_vjp
+def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """x @ w for x (N, D) and w (D, M), whose backward pass keeps a transposed copy of x.
+
+    ∂w = xᵀ·g contracts the rows of both x and g. XLA's CPU backend computes that product by
+    transposing g, which for the output layer is the (N, V) logits gradient (a fifth of a
+    PTB-size step); from a stored xᵀ (N × D, small) it is a plain matmul. Inside the LSTM the
+    same turns each step's weight-gradient product into one the fast matmul path takes.
+    The optimisation barrier keeps XLA from folding the transpose back into the product.
+    """
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (jax.lax.optimization_barrier(x.T), w)
+
+
+def _matmul_bwd(residuals, g):
+    x_t, w = residuals
+    return g @ w.T, x_t @ g
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+    """`jax.lax.dot_general` as `nn.Dense` calls it (lhs (…, D) · kernel (D, M)), computed
+    as one 2-D `matmul`."""
+    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
+        raise ValueError(f"dense_dot_general: unsupported dimension_numbers {dimension_numbers}")
+    del precision, kwargs
+    return batched_matmul(lhs, rhs)
+
+
+def batched_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """x (…, D) @ w (D, M) through `matmul`, the leading axes flattened into rows."""
+    return matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _lstm_forward(input_gates, w_hh, h0, c0):
+    """The scan of `lstm_scan`, time-major, also returning c_t and the activated gates."""
+
+    def cell(carry, x_t):
+        h, c = carry
+        i, f, g, o = jnp.split(x_t + h @ w_hh, 4, axis=-1)
+        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+        c = f * c + i * g
+        h = o * jnp.tanh(c)
+        return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
+
+    _, (hs, cs, acts) = jax.lax.scan(cell, (h0, c0), jnp.swapaxes(input_gates, 0, 1))
+    return hs, cs, acts
+
+
+@jax.custom_vjp
 def lstm_scan(
     input_gates: jnp.ndarray, w_hh: jnp.ndarray, h0: jnp.ndarray, c0: jnp.ndarray
 ) -> jnp.ndarray:
@@ -39,18 +94,51 @@ def lstm_scan(
         i, f, g, o = W_x x_t + b + W_h h_{t−1}
         c_t = σ(f) ⊙ c_{t−1} + σ(i) ⊙ tanh(g),   h_t = σ(o) ⊙ tanh(c_t)
     Only the recurrent matmul stays inside the scan; the input projection is one large matmul
-    outside it.
+    outside it. The backward pass is written out (backpropagation through time): its loop
+    carries ∂h and ∂c and emits each step's gate gradient δ_t; ∂W_h = Σ_t h_{t−1}ᵀ δ_t is then
+    one (H × BT)·(BT × 4H) matmul after the loop instead of T small ones inside it.
     """
+    return jnp.swapaxes(_lstm_forward(input_gates, w_hh, h0, c0)[0], 0, 1)
 
-    def cell(carry, x_t):
-        h, c = carry
-        i, f, g, o = jnp.split(x_t + h @ w_hh, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
-        return (h, c), h
 
-    _, hs = jax.lax.scan(cell, (h0, c0), jnp.swapaxes(input_gates, 0, 1))
-    return jnp.swapaxes(hs, 0, 1)
+def _lstm_scan_fwd(input_gates, w_hh, h0, c0):
+    hs, cs, acts = _lstm_forward(input_gates, w_hh, h0, c0)
+    return jnp.swapaxes(hs, 0, 1), (hs, cs, acts, w_hh, h0, c0)
+
+
+def _lstm_scan_bwd(residuals, d_hs):
+    hs, cs, acts, w_hh, h0, c0 = residuals  # time-major
+    c_prev = jnp.concatenate([c0[None], cs[:-1]])
+
+    def cell(carry, xs):
+        dh_next, dc_next = carry
+        d_out, c, c_before, act = xs
+        i, f, g, o = jnp.split(act, 4, axis=-1)
+        dh = d_out + dh_next
+        tanh_c = jnp.tanh(c)
+        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
+        delta = jnp.concatenate(
+            [
+                dc * g * i * (1.0 - i),
+                dc * c_before * f * (1.0 - f),
+                dc * i * (1.0 - g * g),
+                dh * tanh_c * o * (1.0 - o),
+            ],
+            axis=-1,
+        )
+        return (delta @ w_hh.T, dc * f), delta
+
+    (dh0, dc0), deltas = jax.lax.scan(
+        cell, (jnp.zeros_like(h0), jnp.zeros_like(c0)),
+        (jnp.swapaxes(d_hs, 0, 1), cs, c_prev, acts), reverse=True,
+    )  # fmt: skip
+    h_prev = jnp.concatenate([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])
+    # h_prevᵀ materialised (small) so that XLA's CPU backend does not transpose δ instead.
+    d_w_hh = jax.lax.optimization_barrier(h_prev.T) @ deltas.reshape(-1, deltas.shape[-1])
+    return jnp.swapaxes(deltas, 0, 1), d_w_hh, dh0, dc0
+
+
+lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
 
 
 def lstm_step(
@@ -100,8 +188,8 @@ class VAE(nn.Module):
 
     def setup(self):
         init = uniform_init(self.init_scale)
-        dense = lambda n, name, bias=True: nn.Dense(  # noqa: E731
-            n, use_bias=bias, kernel_init=init, bias_init=init, name=name
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, kernel_init=init, bias_init=init, dot_general=dense_dot_general, name=name
         )
         h_enc, h_dec = self.enc_hidden_dim, self.dec_hidden_dim
         self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
@@ -151,7 +239,7 @@ class VAE(nn.Module):
             keys_out = jax.vmap(jax.random.fold_in, (0, None))(dropout_keys, 1)
         emb = dropout(self.dec_embed(tokens[:, :-1]), self.dec_dropout_in, keys_in)
         w_emb, w_z = jnp.split(self.dec_w_in, [self.dec_emb_dim])
-        gates = emb @ w_emb + (z @ w_z + self.dec_b_in)[:, None, :]
+        gates = batched_matmul(emb, w_emb) + (z @ w_z + self.dec_b_in)[:, None, :]
         h0 = self.dec_h0(z)
         hs = lstm_scan(gates, self.dec_w_hh, h0, jnp.zeros_like(h0))
         return self.dec_output(dropout(hs, self.dec_dropout_out, keys_out))

@@ -148,7 +148,8 @@ def train_step(
         return objective_sum / jnp.maximum(num_seqs, 1), sums
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.psum(grads, AXIS)
+    if jax.lax.psum(1, AXIS) > 1:  # static; on one device the all-reduce would only copy
+        grads = jax.lax.psum(grads, AXIS)
     sums = jax.lax.psum(sums, AXIS)
     grad_norm = optax.tree.norm(grads)
     # NaN guard: a non-finite loss or gradient on any device is never applied. The step (and
