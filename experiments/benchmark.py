@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import jax_utils
 
 from vae_jax import host, objectives, train
 
@@ -119,7 +118,7 @@ def bench_train_step(name: str, steps: int, warmup: int) -> dict:
     model = train.make_model(config, vocab)
     beta_fn = lr_fn = lambda step: jnp.float32(1e-3)  # noqa: E731
     state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
-    state = jax_utils.replicate(state, jax.local_devices()[:1])
+    state = train.replicate(state, jax.local_devices()[:1])
     p_step = jax.pmap(
         functools.partial(
             train.train_step,

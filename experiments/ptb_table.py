@@ -61,7 +61,7 @@ def markdown(rows: list[dict], split: str) -> str:
         "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["model"], r["schedule"])):
-        epoch = f"{r['epoch']:g} of {r['epochs_run']:g}" if r["epoch"] is not None else "-"
+        epoch = f"{r['epoch']:.3g} of {r['epochs_run']:.3g}" if r["epoch"] is not None else "-"
         lines.append(
             f"| {r['model']} | {r['schedule']} | {r['rec']:.2f} | {r['kl']:.2f} | "
             f"{r['neg_elbo']:.2f} | {r['ppl']:.2f} | {epoch} |"

@@ -22,7 +22,6 @@ import time
 
 import jax
 import numpy as np
-from flax import jax_utils
 
 from vae_jax import objectives, train
 
@@ -56,7 +55,7 @@ def time_variant(variant: str, overrides: dict, steps: int, length: int) -> dict
     beta_fn, lr_fn = train.make_schedules(config, steps_per_epoch=1_000)
     model = train.make_model(config, PTB_VOCAB)
     state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
-    state = jax_utils.replicate(state)
+    state = train.replicate(state)
     p_step = jax.pmap(
         functools.partial(
             train.train_step,

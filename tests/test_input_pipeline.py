@@ -1,5 +1,6 @@
 """Text batching: length buckets, epoch plans, bad input, PTB-config training on a tiny corpus."""
 
+import itertools
 import json
 import os
 import sys
@@ -206,6 +207,20 @@ def test_ptb_config_trains_on_a_tiny_corpus(tmp_path):
     assert best["valid"]["ppl_bound"] == min(r["valid_ppl_bound"] for r in evals)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["data"]["name"] == "ptb"
+
+    # One compilation per batch shape (length bucket) over the whole run, not per length.
+    data = input_pipeline.get_data(config)
+    train_shapes = {
+        b["tokens"].shape for b in itertools.islice(data.train(0), data.steps_per_epoch)
+    }
+    eval_shapes = {b["tokens"].shape for bs in data.eval_splits.values() for b in bs}
+    counts = next(r for r in records if "train_step_compilations" in r)
+    assert (
+        counts["train_step_compilations"]
+        == len(train_shapes)
+        <= len(config.data.bucket_lengths) + 1
+    )
+    assert counts["eval_step_compilations"] == len(eval_shapes)
 
     # The Table 1 report reads the workdir back: the best epoch by valid PPL, its test figures.
     table_row = ptb_table.row(workdir, "test", "best")

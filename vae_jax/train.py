@@ -9,6 +9,7 @@ one device computes on the same global batch.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -190,6 +191,21 @@ def eval_step(
         outputs = model.apply({"params": params}, tokens, keys, train=False)
     _, sums = objective(outputs, tokens, beta)
     return jax.lax.psum(sums, AXIS)
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """A copy of ``tree`` on each device, laid out as `jax.pmap` lays out its outputs.
+
+    ``flax.jax_utils.replicate`` gives arrays another sharding than the train step returns, so
+    the second step would see new input types and compile again.
+    """
+    devices = list(devices or jax.local_devices())
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+    return jax.tree.map(
+        lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), sharding),
+        tree,
+    )
 
 
 def shard(batch: input_pipeline.Batch, num_devices: int) -> input_pipeline.Batch:
@@ -389,16 +405,26 @@ def train_and_evaluate(
     def save(step: int, replicated_state) -> None:
         checkpointer.save(step, jax.device_get(jax_utils.unreplicate(replicated_state)), meta(step))
 
-    state = jax_utils.replicate(state)
+    state = replicate(state)
+    traces = collections.Counter()  # pmap traces once per new batch shape, then compiles
     p_train_step = jax.pmap(
-        functools.partial(
-            train_step, model=model, beta_fn=beta_fn, lr_fn=lr_fn, objective=objective
+        _counted(
+            functools.partial(
+                train_step, model=model, beta_fn=beta_fn, lr_fn=lr_fn, objective=objective
+            ),
+            traces,
+            "train_step_compilations",
         ),
         axis_name=AXIS,
         donate_argnums=(0,),
     )
     p_eval_step = jax.pmap(
-        functools.partial(eval_step, model=model, objective=objective), axis_name=AXIS
+        _counted(
+            functools.partial(eval_step, model=model, objective=objective),
+            traces,
+            "eval_step_compilations",
+        ),
+        axis_name=AXIS,
     )
     eval_key = jax.random.PRNGKey(config.seed + 1)
 
@@ -460,11 +486,27 @@ def train_and_evaluate(
             f"Interrupted at step {step}: saved a checkpoint in {checkpointer.directory}."
         ) from None
     finally:
+        if traces:
+            # At most one per batch shape (length bucket) in this process: see the log.
+            writer.write(step, dict(traces))
+            logging.info("Compilations in this process: %s.", dict(traces))
         checkpointer.wait()
         checkpointer.close()
         progress.close()
         writer.close()
     return jax_utils.unreplicate(state)
+
+
+def _counted(fn: Callable, counter: collections.Counter, name: str) -> Callable:
+    """``fn``, counting its calls in ``counter[name]``: under `jax.pmap` a call of the Python
+    function is a trace, and each trace (a new input shape) is followed by a compilation."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        counter[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _check_nonfinite(step_metrics, step: int, config, checkpointer) -> None:
