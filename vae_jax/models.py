@@ -36,9 +36,10 @@ def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
 
     ∂w = xᵀ·g contracts the rows of both x and g. XLA's CPU backend computes that product by
     transposing g, which for the output layer is the (N, V) logits gradient (a fifth of a
-    PTB-size step); from a stored xᵀ (N × D, small) it is a plain matmul. Inside the LSTM the
-    same turns each step's weight-gradient product into one the fast matmul path takes.
-    The optimisation barrier keeps XLA from folding the transpose back into the product.
+    PTB-size step); from a stored xᵀ (N × D, small) it is a plain matmul. The optimisation
+    barrier keeps XLA from folding the transpose back into the product. Like every custom VJP
+    here (`lstm_scan` too), it supports reverse mode to any order (SA-VAE differentiates
+    through gradients) but not forward mode (`jax.jvp`).
     """
     return x @ w
 
