@@ -23,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from vae_jax import objectives, train
+from vae_jax import host, objectives, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTB_VOCAB = 10_002  # 10,000 words, <unk> among them, and the specials of vae_jax.models
@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", help="Also write the results as JSON here.")
     args = parser.parse_args()
+    host.reexec_with_malloc_tunables()
+    host.keep_freed_memory()  # as in training: see vae_jax.host
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
     device = f"{jax.local_device_count()} x {jax.devices()[0].device_kind}"

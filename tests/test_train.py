@@ -184,3 +184,27 @@ def test_experiment_script_writes_its_files(tmp_path):
         assert {"rec", "kl", "elbo", "separation"} <= set(figures)
         assert 0.0 <= figures["separation"] <= 1.0
         assert figures["elbo"] == pytest.approx(-(figures["rec"] + figures["kl"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipping, and not clipping
+def test_clip_by_global_norm_matches_optax(max_norm):
+    import jax
+    import optax
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    grads = {"a": jax.random.normal(keys[0], (3, 4)), "b": jax.random.normal(keys[1], (5,))}
+    norm = float(optax.tree.norm(grads))
+    ours, reference = train.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    want, _ = reference.update(grads, reference.init(grads))
+    state = ours.init(grads)
+    assert jax.tree.structure(state) == jax.tree.structure(reference.init(grads))  # checkpoints
+    for passed in (None, norm):
+        got, _ = ours.update(grads, state, global_norm=passed)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+        assert float(optax.tree.norm(got)) == pytest.approx(min(max_norm, norm), rel=1e-6)
+    # A norm passed in is the one used (the train step passes the one it has computed).
+    got, _ = ours.update(grads, state, global_norm=2 * max(max_norm, norm))
+    np.testing.assert_allclose(
+        got["a"], grads["a"] * max_norm / (2 * max(max_norm, norm)), rtol=1e-6
+    )

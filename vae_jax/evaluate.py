@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vae_jax import checkpoints, input_pipeline, metrics, models, train
+from vae_jax import checkpoints, host, input_pipeline, metrics, models, train
 
 
 def _log(message: str) -> None:
@@ -234,6 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line entry point; returns the results it writes."""
     args = parse_args(argv)
+    host.keep_freed_memory()  # the K-sample softmaxes reuse their memory: see vae_jax.host
     config, data, model, params, info = load_run(args.workdir, args.checkpoint, args.data_dir)
     split = choose_split(data, args.split)
     _log(f"Evaluating {args.workdir} (checkpoint {args.checkpoint}: {info}) on {split}.")

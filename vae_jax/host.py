@@ -1,13 +1,15 @@
 """Host-side settings that make the CPU backend fast.
 
 glibc's malloc serves large blocks with ``mmap`` and returns them with ``munmap`` on free, so
-each train step's multi-megabyte XLA temporaries land on fresh pages, and every 4 KiB page
-faults on first touch (about 3 µs each on a small VM: tens of ms per PTB-size step). Raising
-the mmap and trim thresholds keeps freed blocks in the heap for the next step to reuse
-(`keep_freed_memory`). Blocks above glibc's 32 MiB cap on that threshold (PTB logits at longer
-lengths, the 1024-unit model's output layer) are still mapped afresh; glibc's
-``glibc.malloc.hugetlb=1`` tunable backs them with transparent huge pages, one fault per 2 MiB
-instead of per 4 KiB. Tunables are read at process start, hence `reexec_with_malloc_tunables`.
+each train step's multi-megabyte XLA temporaries land on fresh pages, and every page faults on
+first touch and is zeroed by the kernel (about 3 µs per 4 KiB page on a small VM: tens of ms per
+PTB-size step). `keep_freed_memory` turns ``mmap`` off for malloc (``M_MMAP_MAX`` = 0; its
+threshold alone is capped at 32 MiB, below XLA's per-step temporary buffer of 100–200 MB) and
+raises the trim threshold, so every block comes from the heap and freed blocks stay there for the
+next step to reuse: after the first steps a train step touches no new page. glibc's
+``glibc.malloc.hugetlb=1`` tunable backs the heap with transparent huge pages while it grows (one
+fault per 2 MiB instead of per 4 KiB); tunables are read at process start, hence
+`reexec_with_malloc_tunables`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 
 from absl import logging
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -3, -4, -8
 _applied = False
 
 
@@ -40,8 +42,11 @@ def keep_freed_memory(threshold_bytes: int = 1 << 30) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    # mmap threshold is capped by glibc at HEAP_MAX (32 MiB on 64-bit) and fails above it.
+    # mmap threshold is capped by glibc at HEAP_MAX (32 MiB on 64-bit) and fails above it;
+    # larger blocks (XLA's temporary buffer) would still be mapped afresh every step, so malloc
+    # is told not to use mmap at all.
     ok = mallopt(_M_MMAP_THRESHOLD, min(threshold_bytes, 32 << 20)) == 1
+    ok &= mallopt(_M_MMAP_MAX, 0) == 1
     ok &= mallopt(_M_TRIM_THRESHOLD, threshold_bytes) == 1
     ok &= mallopt(_M_TOP_PAD, 256 << 20) == 1
     # XLA's worker threads would otherwise get arenas of their own, which glibc shrinks

@@ -38,8 +38,8 @@ def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     transposing g, which for the output layer is the (N, V) logits gradient (a fifth of a
     PTB-size step); from a stored xᵀ (N × D, small) it is a plain matmul. The optimisation
     barrier keeps XLA from folding the transpose back into the product. Like every custom VJP
-    here (`lstm_scan` too), it supports reverse mode to any order (SA-VAE differentiates
-    through gradients) but not forward mode (`jax.jvp`).
+    here (`affine` and `lstm_scan` too), it supports reverse mode to any order (SA-VAE
+    differentiates through gradients) but not forward mode (`jax.jvp`).
     """
     return x @ w
 
@@ -56,13 +56,48 @@ def _matmul_bwd(residuals, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
-    """`jax.lax.dot_general` as `nn.Dense` calls it (lhs (…, D) · kernel (D, M)), computed
-    as one 2-D `matmul`."""
-    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
-        raise ValueError(f"dense_dot_general: unsupported dimension_numbers {dimension_numbers}")
-    del precision, kwargs
-    return batched_matmul(lhs, rhs)
+@jax.custom_vjp
+def affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """x @ w + b for x (N, D), w (D, M), b (M,); `matmul` with the bias gradient folded in.
+
+    ∂b = Σ_n g_n is the row of ones times g, so the backward pass stores [xᵀ; 1] (D + 1 rows)
+    and gets ∂w and ∂b from one matmul: for the output layer that saves a separate pass over
+    the (N, V) logits gradient, which costs more than the extra row.
+    """
+    return x @ w + b
+
+
+def _affine_fwd(x, w, b):
+    x_t1 = jnp.concatenate([x.T, jnp.ones((1, x.shape[0]), x.dtype)])
+    return x @ w + b, (jax.lax.optimization_barrier(x_t1), w)
+
+
+def _affine_bwd(residuals, g):
+    x_t1, w = residuals
+    d_wb = x_t1 @ g
+    return g @ w.T, d_wb[:-1], d_wb[-1]
+
+
+affine.defvjp(_affine_fwd, _affine_bwd)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` (same parameters: ``kernel`` (D, M), ``bias`` (M,)) computed by `affine`.
+
+    ``nn.Dense`` adds its bias outside ``dot_general``, where the bias gradient cannot join the
+    kernel gradient's matmul.
+    """
+
+    features: int
+    kernel_init: nn.initializers.Initializer
+    bias_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", self.bias_init, (self.features,))
+        y = affine(x.reshape(-1, x.shape[-1]), kernel, bias)
+        return y.reshape(*x.shape[:-1], self.features)
 
 
 def batched_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
@@ -189,9 +224,7 @@ class VAE(nn.Module):
 
     def setup(self):
         init = uniform_init(self.init_scale)
-        dense = lambda n, name: nn.Dense(  # noqa: E731
-            n, kernel_init=init, bias_init=init, dot_general=dense_dot_general, name=name
-        )
+        dense = lambda n, name: Dense(n, kernel_init=init, bias_init=init, name=name)  # noqa: E731
         h_enc, h_dec = self.enc_hidden_dim, self.dec_hidden_dim
         self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
         self.enc_input = dense(4 * h_enc, "enc_input")
