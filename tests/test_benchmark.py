@@ -1,0 +1,36 @@
+"""The speed benchmark runs on this machine and writes the fields the README and issues quote."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+
+def test_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "experiments" / "benchmark.py"), "--only", "ptb_23"]
+    command += ["--steps", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ptb_23" in proc.stdout and "% peak" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["backend"] == "cpu" and len(result["peak_gflops_all"]) == 1 + 2  # 2 rounds
+    (row,) = result["configs"]
+    assert (row["emb"], row["hidden"], row["latent"], row["batch"], row["length"]) == (
+        256, 256, 32, 32, 23,
+    )  # fmt: skip
+    assert row["ms_min"] <= row["ms_median"] <= row["ms_max"]
+    assert len(row["fraction_of_peak_rounds"]) == len(row["peak_gflops_rounds"]) == 2
+    assert 0 < row["fraction_of_peak"] == pytest.approx(np.median(row["fraction_of_peak_rounds"]))
+    best = max(result["peak_gflops_all"])
+    assert row["fraction_of_best_peak"] == pytest.approx(row["gflops"] / best)
+    assert row["sentences_per_s"] * row["ms_median"] / 1e3 == pytest.approx(32)
+
+
+def test_benchmark_rejects_bad_arguments(tmp_path):
+    command = [sys.executable, str(REPO / "experiments" / "benchmark.py"), "--only", "ptb_99"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "--only: unknown ['ptb_99']" in proc.stderr
