@@ -35,11 +35,12 @@ def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """x @ w for x (N, D) and w (D, M), whose backward pass keeps a transposed copy of x.
 
     ∂w = xᵀ·g contracts the rows of both x and g. XLA's CPU backend computes that product by
-    transposing g, which for the output layer is the (N, V) logits gradient (a fifth of a
-    PTB-size step); from a stored xᵀ (N × D, small) it is a plain matmul. The optimisation
-    barrier keeps XLA from folding the transpose back into the product. Like every custom VJP
-    here (`affine` and `lstm_scan` too), it supports reverse mode to any order (SA-VAE
-    differentiates through gradients) but not forward mode (`jax.jvp`).
+    transposing g, which for the output layer (`affine`, the same idea with a bias) is the
+    (N, V) logits gradient, a fifth of a PTB-size step; from a stored xᵀ (N × D, small) it is a
+    plain matmul. The optimisation barrier keeps XLA from folding the transpose back into the
+    product. Like every custom VJP here (`affine` and `lstm_scan` too), it supports reverse
+    mode to any order (SA-VAE differentiates through gradients) but not forward mode
+    (`jax.jvp`).
     """
     return x @ w
 
