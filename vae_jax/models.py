@@ -112,16 +112,21 @@ def batched_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     return matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def _cell(gates: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """The LSTM cell from its pre-activations (i, f, g, o): h_t, c_t and the activated gates."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * c + i * g
+    return o * jnp.tanh(c), c, jnp.concatenate([i, f, g, o], axis=-1)
+
+
 def _lstm_forward(input_gates, w_hh, h0, c0):
     """The scan of `lstm_scan`, time-major, also returning c_t and the activated gates."""
 
     def cell(carry, x_t):
         h, c = carry
-        i, f, g, o = jnp.split(x_t + h @ w_hh, 4, axis=-1)
-        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-        c = f * c + i * g
-        h = o * jnp.tanh(c)
-        return (h, c), (h, c, jnp.concatenate([i, f, g, o], axis=-1))
+        h, c, acts = _cell(x_t + h @ w_hh, c)
+        return (h, c), (h, c, acts)
 
     _, (hs, cs, acts) = jax.lax.scan(cell, (h0, c0), jnp.swapaxes(input_gates, 0, 1))
     return hs, cs, acts
@@ -187,10 +192,9 @@ lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
 def lstm_step(
     input_gates: jnp.ndarray, w_hh: jnp.ndarray, h: jnp.ndarray, c: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """One step of the cell of `lstm_scan` (same gate order and equations): (h_t, c_t)."""
-    i, f, g, o = jnp.split(input_gates + h @ w_hh, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return jax.nn.sigmoid(o) * jnp.tanh(c), c
+    """One step of the cell of `lstm_scan` (the same `_cell`): (h_t, c_t)."""
+    h, c, _ = _cell(input_gates + h @ w_hh, c)
+    return h, c
 
 
 def dropout(x: jnp.ndarray, rate: float, keys: jnp.ndarray | None) -> jnp.ndarray:
