@@ -31,39 +31,16 @@ def uniform_init(scale: float) -> nn.initializers.Initializer:
 
 
 @jax.custom_vjp
-def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """x @ w for x (N, D) and w (D, M), whose backward pass keeps a transposed copy of x.
+def affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """x @ w + b for x (N, D), w (D, M), b (M,), whose backward pass keeps [xᵀ; 1].
 
     ∂w = xᵀ·g contracts the rows of both x and g. XLA's CPU backend computes that product by
-    transposing g, which for the output layer (`affine`, the same idea with a bias) is the
-    (N, V) logits gradient, a fifth of a PTB-size step; from a stored xᵀ (N × D, small) it is a
-    plain matmul. The optimisation barrier keeps XLA from folding the transpose back into the
-    product. Like every custom VJP here (`affine` and `lstm_scan` too), it supports reverse
-    mode to any order (SA-VAE differentiates through gradients) but not forward mode
-    (`jax.jvp`).
-    """
-    return x @ w
-
-
-def _matmul_fwd(x, w):
-    return x @ w, (jax.lax.optimization_barrier(x.T), w)
-
-
-def _matmul_bwd(residuals, g):
-    x_t, w = residuals
-    return g @ w.T, x_t @ g
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@jax.custom_vjp
-def affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """x @ w + b for x (N, D), w (D, M), b (M,); `matmul` with the bias gradient folded in.
-
-    ∂b = Σ_n g_n is the row of ones times g, so the backward pass stores [xᵀ; 1] (D + 1 rows)
-    and gets ∂w and ∂b from one matmul: for the output layer that saves a separate pass over
-    the (N, V) logits gradient, which costs more than the extra row.
+    transposing g, which for the output layer is the (N, V) logits gradient, a fifth of a
+    PTB-size step; from a stored xᵀ (N × D, small) it is a plain matmul, and a row of ones
+    under it gives ∂b = Σ_n g_n in the same product instead of another pass over g. The
+    optimisation barrier keeps XLA from folding the transpose back into the product. Like every
+    custom VJP here (`lstm_scan` too), it supports reverse mode to any order (SA-VAE
+    differentiates through gradients) but not forward mode (`jax.jvp`).
     """
     return x @ w + b
 
@@ -88,6 +65,11 @@ def _affine_bwd(residuals, g):
 affine.defvjp(_affine_fwd, _affine_bwd)
 
 
+def batched_affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """x (…, D) @ w (D, M) + b through `affine`, the leading axes flattened into rows."""
+    return affine(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Dense(nn.Module):
     """`nn.Dense` (same parameters: ``kernel`` (D, M), ``bias`` (M,)) computed by `affine`.
 
@@ -103,13 +85,7 @@ class Dense(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
-        y = affine(x.reshape(-1, x.shape[-1]), kernel, bias)
-        return y.reshape(*x.shape[:-1], self.features)
-
-
-def batched_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """x (…, D) @ w (D, M) through `matmul`, the leading axes flattened into rows."""
-    return matmul(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+        return batched_affine(x, kernel, bias)
 
 
 def _cell(gates: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -284,7 +260,7 @@ class VAE(nn.Module):
             keys_out = jax.vmap(jax.random.fold_in, (0, None))(dropout_keys, 1)
         emb = dropout(self.dec_embed(tokens[:, :-1]), self.dec_dropout_in, keys_in)
         w_emb, w_z = jnp.split(self.dec_w_in, [self.dec_emb_dim])
-        gates = batched_matmul(emb, w_emb) + (z @ w_z + self.dec_b_in)[:, None, :]
+        gates = batched_affine(emb, w_emb, self.dec_b_in) + (z @ w_z)[:, None, :]
         h0 = self.dec_h0(z)
         hs = lstm_scan(gates, self.dec_w_hh, h0, jnp.zeros_like(h0))
         return self.dec_output(dropout(hs, self.dec_dropout_out, keys_out))
