@@ -1,9 +1,12 @@
 """Train-step speed against the machine's measured matmul peak.
 
     python experiments/benchmark.py [--out bench.json] [--steps 30] [--only ptb_23,...]
-        [--no_malloc_tuning]
+        [--no_malloc_tuning] [--profile DIR]
 
 ``--no_malloc_tuning`` measures without `vae_jax.host`'s allocator settings (the "before").
+``--profile DIR`` also writes a profiler trace of a few steps of each train-step config (after
+its timed steps), to see where a step's time goes. To compare two versions of the code, use
+``experiments/ab_step.py``, which alternates their steps in time.
 
 Prints a table and writes JSON: ``{"peak_gflops", "peak_gflops_all", "backend", "configs":
 [{"name", "emb", "hidden", "latent", "batch", "length", "ms_median", "ms_min", "ms_max",
@@ -36,8 +39,10 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import resource
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +51,7 @@ import numpy as np
 
 from vae_jax import host, objectives, train
 
+PROFILED_STEPS = 5
 CONFIGS = {
     # name: (emb, hidden, latent, vocab, batch, length)
     "ptb_23": (256, 256, 32, 10_002, 32, 23),
@@ -142,7 +148,9 @@ def time_calls(fn, calls: int, warmup: int, rounds: int) -> Timing:
     return Timing(times, per_round, compile_s, faults / calls)
 
 
-def bench_train_step(name: str, steps: int, warmup: int) -> dict:
+def train_step_call(name: str) -> Callable[[], dict]:
+    """One config's pmapped `train.train_step` on one device, state donated and carried over:
+    each call runs one step on the same random batch and returns its metrics (not waited for)."""
     emb, hidden, latent, vocab, batch, length = CONFIGS[name]
     config = model_config(emb, hidden, latent)
     model = train.make_model(config, vocab)
@@ -168,7 +176,17 @@ def bench_train_step(name: str, steps: int, warmup: int) -> dict:
         holder["state"], metrics = p_step(holder["state"], tokens)
         return metrics
 
+    return call
+
+
+def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None = None) -> dict:
+    call = train_step_call(name)
     timing = time_calls(call, steps, warmup, rounds=min(steps, 5))
+    if profile_dir:  # after the timed steps, so tracing costs them nothing
+        with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
+            for _ in range(PROFILED_STEPS):
+                jax.block_until_ready(call())
+    emb, hidden, latent, vocab, batch, length = CONFIGS[name]
     flops = step_flops(emb, hidden, latent, vocab, batch, length)
     return summarize(name, (emb, hidden, latent, batch, length), timing, flops)
 
@@ -241,12 +259,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--only", default="", help="Comma-separated config names.")
     parser.add_argument("--no_malloc_tuning", action="store_true")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help=f"Also trace {PROFILED_STEPS} steps of each train-step config into DIR/<config> "
+        "(TensorBoard profile plugin; *.trace.json.gz opens in ui.perfetto.dev).",
+    )
     args = parser.parse_args()
     if not args.no_malloc_tuning:
         host.reexec_with_malloc_tunables()
         host.keep_freed_memory()
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} >= 0")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)  # an unwritable folder fails here, not later
     names = [n for n in args.only.split(",") if n] or [*CONFIGS, "iwnll_k500"]
     unknown = set(names) - {*CONFIGS, "iwnll_k500"}
     if unknown:
@@ -258,7 +284,7 @@ def main() -> None:
         if name == "iwnll_k500":
             rows.append(bench_iwnll(repeats=3))
         else:
-            rows.append(bench_train_step(name, args.steps, args.warmup))
+            rows.append(bench_train_step(name, args.steps, args.warmup, args.profile))
     peaks = [peak] + [p for row in rows for p in row["peak_gflops_rounds"]]
     for row in rows:  # the conservative figure: against the fastest the machine was in the run
         row["fraction_of_best_peak"] = row["gflops"] / max(peaks)

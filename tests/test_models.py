@@ -130,3 +130,39 @@ def test_noise_of_an_example_does_not_depend_on_its_batch():
     np.testing.assert_allclose(full[1:2], alone, rtol=1e-5, atol=1e-6)
     eval_logits = model.apply({"params": params}, tokens, keys, train=False)["logits"]
     assert not np.allclose(full, eval_logits)  # dropout is on in training only
+
+
+def test_threefry_is_jax_random_cipher():
+    from jax.extend.random import threefry_2x32
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        key = jnp.asarray(rng.integers(0, 2**32, 2, dtype=np.uint32))
+        words = jnp.asarray(rng.integers(0, 2**32, 2 * 50, dtype=np.uint32))
+        x0, x1 = models.threefry2x32(key, words[:50], words[50:])
+        np.testing.assert_array_equal(jnp.concatenate([x0, x1]), threefry_2x32(key, words))
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3, 0.9])
+def test_dropout_masks_are_jax_random_bernoulli_of_each_step(rate):
+    keys = jax.random.split(jax.random.PRNGKey(4), 5)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 7, 11)), jnp.float32) + 3.0
+
+    def reference(key, row):  # the masks as jax.random draws them, one fold_in per step
+        steps = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(row.shape[0]))
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, row.shape[1:]))(steps)
+        return jnp.where(keep, row / (1.0 - rate), 0.0)
+
+    out = jax.jit(models.dropout, static_argnums=1)(x, rate, keys)
+    np.testing.assert_array_equal(out, jax.vmap(reference)(keys, x))
+    assert abs(float(jnp.mean(out == 0.0)) - rate) < 0.1  # 385 draws
+    # Typed keys give the same masks; a padded row keeps its first steps' masks.
+    typed = jax.random.wrap_key_data(keys)
+    np.testing.assert_array_equal(models.dropout(x, rate, typed), out)
+    padded = models.dropout(jnp.pad(x, ((0, 0), (0, 4), (0, 0)), constant_values=1.0), rate, keys)
+    np.testing.assert_array_equal(padded[:, :7], out)
+
+
+def test_dropout_rejects_keys_of_another_prng():
+    with pytest.raises(ValueError, match=r"dropout keys: expected threefry keys.*\(3, 4\)"):
+        models.dropout(jnp.ones((3, 2, 4)), 0.5, jnp.zeros((3, 4), jnp.uint32))
