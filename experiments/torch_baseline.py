@@ -2,6 +2,7 @@
 
     pip install torch   # not a vae_jax dependency; the CPU build is enough
     python experiments/torch_baseline.py [--only ptb_23,...] [--steps 30] [--out torch.json]
+        [--malloc_tuning] [--vs_vae_jax]
 
 Model and step as `experiments/benchmark.py` times them (its ``CONFIGS``, same FLOP count):
 embedding → ``nn.LSTM`` encoder → μ, log σ² from the state at ``</s>``; z = μ + σ·ε;
@@ -11,6 +12,8 @@ to 5. This is what a careful PyTorch user writes (cuDNN-style fused ``nn.LSTM``,
 matmul for all steps, ``zero_grad(set_to_none=True)``, ``foreach`` Adam), with no hand-written
 backward. Prints ms/step and GFLOP/s against ``torch.mm``'s own 2048² peak measured just before
 and after each config. ``--malloc_tuning`` gives it `vae_jax.host`'s glibc settings too.
+``--vs_vae_jax`` instead times it against vae_jax's step (`benchmark.train_step_call`) in the
+same process, the two taking turns in rounds, and reports the ratio of their median steps.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -74,7 +78,8 @@ def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def bench(name: str, steps: int, warmup: int) -> dict:
+def torch_step(name: str) -> Callable[[], None]:
+    """One config's PyTorch train step on a fixed random batch, as a call."""
     emb, hidden, latent, vocab, batch, length = CONFIGS[name]
     torch.manual_seed(0)
     model = TorchVAE(emb, hidden, latent, vocab)
@@ -88,17 +93,59 @@ def bench(name: str, steps: int, warmup: int) -> dict:
         nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
 
-    for _ in range(warmup):
-        step()
+    return step
+
+
+def timed(step: Callable[[], object], n: int) -> list[float]:
     times = []
-    for _ in range(steps):
+    for _ in range(n):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    return times
+
+
+def bench(name: str, steps: int, warmup: int) -> dict:
+    step = torch_step(name)
+    timed(step, warmup)
+    times = timed(step, steps)
     median = statistics.median(times)
-    flops = step_flops(emb, hidden, latent, vocab, batch, length)
+    flops = step_flops(*CONFIGS[name])
     return {"name": name, "ms_median": 1e3 * median, "ms_min": 1e3 * min(times),
             "gflops": flops / median / 1e9}  # fmt: skip
+
+
+def bench_vs_vae_jax(name: str, steps: int, warmup: int, rounds: int = 10) -> dict:
+    """PyTorch's and vae_jax's steps (`benchmark.train_step_call`) in one process, taking
+    turns in ``rounds`` rounds (who goes first alternates), so both see the same machine."""
+    import jax
+    from benchmark import train_step_call
+
+    steps_of = {"torch": torch_step(name), "vae_jax": train_step_call(name)}
+    calls = {
+        "torch": steps_of["torch"],
+        "vae_jax": lambda: jax.block_until_ready(steps_of["vae_jax"]()),
+    }
+    times: dict[str, list[float]] = {side: [] for side in calls}
+    ratios = []
+    for call in calls.values():
+        timed(call, warmup + 1)  # + 1: vae_jax compiles
+    for r in range(rounds):
+        medians = {}
+        for side in calls if r % 2 == 0 else reversed(calls):
+            chunk = timed(calls[side], max(1, steps // rounds))
+            times[side] += chunk
+            medians[side] = statistics.median(chunk)
+        ratios.append(medians["torch"] / medians["vae_jax"])
+    flops = step_flops(*CONFIGS[name])
+    row = {"name": name, "rounds": rounds}
+    for side, ts in times.items():
+        median = statistics.median(ts)
+        row[side] = {"ms_median": 1e3 * median, "ms_min": 1e3 * min(ts),
+                     "gflops": flops / median / 1e9}  # fmt: skip
+    row["torch_over_vae_jax"] = statistics.median(ratios)
+    row["torch_over_vae_jax_rounds"] = ratios
+    return row
 
 
 def main() -> None:
@@ -110,6 +157,11 @@ def main() -> None:
     parser.add_argument(
         "--malloc_tuning", action="store_true", help="Apply vae_jax.host's allocator settings."
     )
+    parser.add_argument(
+        "--vs_vae_jax",
+        action="store_true",
+        help="Alternate with vae_jax's step in this process and report both and their ratio.",
+    )
     args = parser.parse_args()
     if args.malloc_tuning:
         from vae_jax import host
@@ -120,9 +172,21 @@ def main() -> None:
     unknown = set(names) - set(CONFIGS)
     if unknown:
         parser.error(f"--only: unknown {sorted(unknown)}; known {list(CONFIGS)}")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} >= 0")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     for name in names:
+        if args.vs_vae_jax:
+            row = bench_vs_vae_jax(name, args.steps, args.warmup)
+            rows.append(row)
+            print(
+                f"{name:<15} torch {row['torch']['ms_median']:>7.1f} ms, vae_jax "
+                f"{row['vae_jax']['ms_median']:>7.1f} ms: torch / vae_jax "
+                f"{row['torch_over_vae_jax']:.2f} (median of {row['rounds']} rounds' ratios)",
+                flush=True,
+            )
+            continue
         before = matmul_peak()
         row = bench(name, args.steps, args.warmup)
         row["peak_gflops"] = (before + matmul_peak()) / 2
@@ -137,6 +201,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             result = {"torch": torch.__version__, "malloc_tuning": args.malloc_tuning}
+            result["vs_vae_jax"] = args.vs_vae_jax
             json.dump({**result, "configs": rows}, f, indent=2)
 
 

@@ -63,3 +63,18 @@ def test_ab_step_rejects_an_unknown_revision(tmp_path):
     command = [sys.executable, str(REPO / "experiments" / "ab_step.py"), "no-such-revision"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0 and "'no-such-revision' is not a git revision" in proc.stderr
+
+
+def test_torch_baseline_against_vae_jax(tmp_path):
+    pytest.importorskip("torch", reason="torch is not a vae_jax dependency; the baseline needs it")
+    out = tmp_path / "torch.json"
+    command = [sys.executable, str(REPO / "experiments" / "torch_baseline.py"), "--only", "ptb_23"]
+    command += ["--steps", "2", "--warmup", "0", "--vs_vae_jax", "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["configs"]
+    ratios = row["torch_over_vae_jax_rounds"]
+    assert len(ratios) == row["rounds"]
+    assert row["torch_over_vae_jax"] == pytest.approx(np.median(ratios))
+    assert row["torch"]["ms_min"] <= row["torch"]["ms_median"]
+    assert row["vae_jax"]["ms_min"] <= row["vae_jax"]["ms_median"]
