@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPLY = "ab_step:"  # marks a worker's answers: anything else it prints on stdout is passed on
 
 
 def worker(config: str, warmup: int) -> None:
@@ -47,7 +48,7 @@ def worker(config: str, warmup: int) -> None:
     compile_s = time.perf_counter() - t
     for _ in range(warmup):
         jax.block_until_ready(call())
-    print(json.dumps({"compile_s": compile_s, "vae_jax": os.path.dirname(host.__file__)}))
+    print(REPLY, json.dumps({"compile_s": compile_s, "vae_jax": os.path.dirname(host.__file__)}))
     sys.stdout.flush()
     for line in sys.stdin:
         times = []
@@ -55,7 +56,7 @@ def worker(config: str, warmup: int) -> None:
             t = time.perf_counter()
             jax.block_until_ready(call())
             times.append(time.perf_counter() - t)
-        print(json.dumps(times))
+        print(REPLY, json.dumps(times))
         sys.stdout.flush()
 
 
@@ -104,12 +105,13 @@ class Worker:
         self.info = json.loads(self._read())
 
     def _read(self) -> str:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            code = self.proc.returncode
-            sys.exit(f"ab_step.py: the worker for {self.label} failed (exit {code})")
-        return line
+        while line := self.proc.stdout.readline():
+            if line.startswith(REPLY):
+                return line[len(REPLY) :]
+            print(line, end="", file=sys.stderr)
+        self.proc.wait()
+        code = self.proc.returncode
+        sys.exit(f"ab_step.py: the worker for {self.label} failed (exit {code})")
 
     def steps(self, n: int) -> list[float]:
         self.proc.stdin.write(f"{n}\n")
