@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 import numpy as np
 
@@ -36,27 +35,18 @@ def worker(config: str, warmup: int) -> None:
     """Builds ``config``'s step, then runs as many steps as each line of stdin asks for and
     answers each line with the JSON list of their wall times in seconds."""
     import benchmark
-    import jax
 
     from vae_jax import host
 
     if hasattr(host, "keep_freed_memory"):
         host.keep_freed_memory()
     call = benchmark.train_step_call(config)
-    t = time.perf_counter()
-    jax.block_until_ready(call())
-    compile_s = time.perf_counter() - t
-    for _ in range(warmup):
-        jax.block_until_ready(call())
+    compile_s = benchmark.timed(call, 1)[0]
+    benchmark.timed(call, warmup)
     print(REPLY, json.dumps({"compile_s": compile_s, "vae_jax": os.path.dirname(host.__file__)}))
     sys.stdout.flush()
     for line in sys.stdin:
-        times = []
-        for _ in range(int(line)):
-            t = time.perf_counter()
-            jax.block_until_ready(call())
-            times.append(time.perf_counter() - t)
-        print(REPLY, json.dumps(times))
+        print(REPLY, json.dumps(benchmark.timed(call, int(line))))
         sys.stdout.flush()
 
 
@@ -87,15 +77,18 @@ def export(commit: str, into: str) -> str:
     return folder
 
 
+def _joined(separator: str, *parts: str) -> str:
+    return separator.join(p for p in parts if p)
+
+
 class Worker:
     def __init__(self, label: str, import_root: str, config: str, warmup: int):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (import_root, os.environ.get("PYTHONPATH", "")) if p
-        )}  # fmt: skip
-        # The malloc tunable of vae_jax.host, set here: the workers never re-exec themselves.
-        env["GLIBC_TUNABLES"] = ":".join(
-            t for t in (env.get("GLIBC_TUNABLES", ""), "glibc.malloc.hugetlb=1") if t
-        )
+        from vae_jax import host
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _joined(os.pathsep, import_root, env.get("PYTHONPATH", ""))
+        # vae_jax.host's malloc tunable, set here: the workers never re-exec themselves.
+        env["GLIBC_TUNABLES"] = _joined(":", env.get("GLIBC_TUNABLES", ""), host.TUNABLE)
         command = [sys.executable, os.path.abspath(__file__), "--worker", config]
         command += ["--warmup", str(warmup)]
         self.label = label
@@ -138,7 +131,7 @@ def main() -> None:
         return worker(args.worker, args.warmup)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark import CONFIGS  # after --worker: a worker imports it with its own vae_jax
+    from benchmark import CONFIGS, alternate, round_ratios  # a worker: with its own vae_jax
 
     if args.base is None:
         parser.error("BASE (a git revision, or '.') is required")
@@ -149,7 +142,6 @@ def main() -> None:
     sides = {"base": args.base, "variant": args.variant}
     commits = {side: resolve(revision) for side, revision in sides.items()}
 
-    times: dict[str, list[list[float]]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="vae_jax_ab_") as tmp:
         roots = {side: REPO if c is None else export(c, tmp) for side, c in commits.items()}
         workers = {
@@ -157,15 +149,13 @@ def main() -> None:
             for side in sides
         }
         try:
-            for r in range(args.rounds):
-                for side in sides if r % 2 == 0 else reversed(sides):
-                    times[side].append(workers[side].steps(args.steps))
+            runs = {side: w.steps for side, w in workers.items()}
+            times = alternate(runs, args.rounds, args.steps)
         finally:
             for w in workers.values():
                 w.close()
 
-    rounds = zip(times["base"], times["variant"], strict=True)
-    ratios = [float(np.median(v) / np.median(b)) for b, v in rounds]
+    ratios = round_ratios(times["base"], times["variant"])
     summary = {"config": args.config, "rounds": args.rounds, "steps": args.steps, "sides": {}}
     print(f"{args.config}: {args.rounds} rounds of {args.steps} steps each side, alternating")
     for side in sides:

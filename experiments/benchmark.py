@@ -124,24 +124,45 @@ class Timing:
     faults_per_call: float
 
 
+def timed(call: Callable[[], object], n: int) -> list[float]:
+    """Wall seconds of each of ``n`` calls, each waited for (`jax.block_until_ready`)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def alternate(
+    runs: dict[str, Callable[[int], list[float]]], rounds: int, steps: int
+) -> dict[str, list[list[float]]]:
+    """Per-call seconds of each side's ``runs[side](steps)``, the sides taking turns for
+    ``rounds`` rounds (who goes first alternates), so all see the same drift of the machine.
+    Returns, per side, one list of times per round."""
+    times: dict[str, list[list[float]]] = {side: [] for side in runs}
+    for r in range(rounds):
+        for side in runs if r % 2 == 0 else reversed(runs):
+            times[side].append(runs[side](steps))
+    return times
+
+
+def round_ratios(base: list[list[float]], other: list[list[float]]) -> list[float]:
+    """Per round, the median call of ``other`` over the median call of ``base``."""
+    return [float(np.median(o) / np.median(b)) for b, o in zip(base, other, strict=True)]
+
+
 def time_calls(fn, calls: int, warmup: int, rounds: int) -> Timing:
     """Times ``calls`` calls after compilation and ``warmup`` calls, in ``rounds`` rounds, each
     preceded by a matmul-peak measurement: a shared VM's speed drifts over seconds to minutes,
     and a round's calls are set against the peak measured next to them."""
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    compile_s = time.perf_counter() - t
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
+    compile_s = timed(fn, 1)[0]
+    timed(fn, warmup)
     times, per_round, faults = [], [], 0
     for r in range(rounds):
         peak = matmul_peak(repeats=5)
-        chunk = []
         faults -= resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(calls // rounds + (r < calls % rounds)):
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            chunk.append(time.perf_counter() - t)
+        chunk = timed(fn, calls // rounds + (r < calls % rounds))
         faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         times += chunk
         per_round.append((peak, float(np.median(chunk))))
@@ -184,11 +205,9 @@ def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None
     timing = time_calls(call, steps, warmup, rounds=min(steps, 5))
     if profile_dir:  # after the timed steps, so tracing costs them nothing
         with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
-            for _ in range(PROFILED_STEPS):
-                jax.block_until_ready(call())
-    emb, hidden, latent, vocab, batch, length = CONFIGS[name]
-    flops = step_flops(emb, hidden, latent, vocab, batch, length)
-    return summarize(name, (emb, hidden, latent, batch, length), timing, flops)
+            timed(call, PROFILED_STEPS)
+    emb, hidden, latent, _, batch, length = CONFIGS[name]
+    return summarize(name, (emb, hidden, latent, batch, length), timing, step_flops(*CONFIGS[name]))
 
 
 def bench_iwnll(repeats: int, num_samples: int = 500) -> dict:

@@ -19,6 +19,7 @@ same process, the two taking turns in rounds, and reports the ratio of their med
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -30,7 +31,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import CONFIGS, random_batch, step_flops  # noqa: E402
+from benchmark import (  # noqa: E402
+    CONFIGS,
+    alternate,
+    random_batch,
+    round_ratios,
+    step_flops,
+    timed,
+    train_step_call,
+)
 
 
 class TorchVAE(nn.Module):
@@ -96,15 +105,6 @@ def torch_step(name: str) -> Callable[[], None]:
     return step
 
 
-def timed(step: Callable[[], object], n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def bench(name: str, steps: int, warmup: int) -> dict:
     step = torch_step(name)
     timed(step, warmup)
@@ -117,29 +117,17 @@ def bench(name: str, steps: int, warmup: int) -> dict:
 
 def bench_vs_vae_jax(name: str, steps: int, warmup: int, rounds: int = 10) -> dict:
     """PyTorch's and vae_jax's steps (`benchmark.train_step_call`) in one process, taking
-    turns in ``rounds`` rounds (who goes first alternates), so both see the same machine."""
-    import jax
-    from benchmark import train_step_call
-
-    steps_of = {"torch": torch_step(name), "vae_jax": train_step_call(name)}
-    calls = {
-        "torch": steps_of["torch"],
-        "vae_jax": lambda: jax.block_until_ready(steps_of["vae_jax"]()),
-    }
-    times: dict[str, list[float]] = {side: [] for side in calls}
-    ratios = []
+    turns in ``rounds`` rounds (`benchmark.alternate`), so both see the same machine."""
+    calls = {"torch": torch_step(name), "vae_jax": train_step_call(name)}
     for call in calls.values():
         timed(call, warmup + 1)  # + 1: vae_jax compiles
-    for r in range(rounds):
-        medians = {}
-        for side in calls if r % 2 == 0 else reversed(calls):
-            chunk = timed(calls[side], max(1, steps // rounds))
-            times[side] += chunk
-            medians[side] = statistics.median(chunk)
-        ratios.append(medians["torch"] / medians["vae_jax"])
+    runs = {side: functools.partial(timed, call) for side, call in calls.items()}
+    times = alternate(runs, rounds, max(1, steps // rounds))
+    ratios = round_ratios(times["vae_jax"], times["torch"])
     flops = step_flops(*CONFIGS[name])
     row = {"name": name, "rounds": rounds}
-    for side, ts in times.items():
+    for side, per_round in times.items():
+        ts = [t for chunk in per_round for t in chunk]
         median = statistics.median(ts)
         row[side] = {"ms_median": 1e3 * median, "ms_min": 1e3 * min(ts),
                      "gflops": flops / median / 1e9}  # fmt: skip
