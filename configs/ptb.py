@@ -40,6 +40,8 @@ bound exp((ΣRec + ΣKL)/#predicted tokens). The best epoch by valid PPL bound i
 
 import ml_collections
 
+from vae_jax import savae
+
 VARIANTS = ("cyclical", "monotonic", "constant", "savae_size", "savae_cyclical", "savae_monotonic")
 
 
@@ -83,13 +85,10 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.5
     config.model.dec_dropout_out = 0.5
     config.model.init_scale = 0.1
-    # SA-VAE's SVI refinement (vae_jax.savae); svi_steps = 0 is the plain VAE.
-    config.model.svi_steps = 10 if variant in ("savae_cyclical", "savae_monotonic") else 0
-    config.model.svi_lr = 1.0 / 32
-    config.model.svi_momentum = 0.5
-    config.model.svi_max_grad_norm = 5.0 * 32
-    config.model.svi_end_to_end = True
-    config.model.svi_remat = True
+    # SA-VAE's SVI refinement at the reference's settings (vae_jax.savae.SAVAE: svi_lr,
+    # svi_momentum, svi_max_grad_norm, ...); svi_steps = 0 is the plain VAE.
+    sa_vae = variant in ("savae_cyclical", "savae_monotonic")
+    config.model.update(savae.svi_defaults(svi_steps=10 if sa_vae else 0))
 
     config.objective = "beta_elbo"
     config.grad_clip_norm = 5.0

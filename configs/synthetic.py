@@ -30,6 +30,8 @@ them.
 
 import ml_collections
 
+from vae_jax import savae
+
 SCHEDULES = ("constant", "monotonic", "cyclical")
 VARIANTS = SCHEDULES + tuple(f"savae_{s}" for s in SCHEDULES)
 
@@ -68,13 +70,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.0
     config.model.dec_dropout_out = 0.0
     config.model.init_scale = 0.1
-    # SA-VAE's SVI refinement (vae_jax.savae); svi_steps = 0 is the plain VAE.
-    config.model.svi_steps = 10 if variant.startswith("savae_") else 0
-    config.model.svi_lr = 1.0 / 32
-    config.model.svi_momentum = 0.5
-    config.model.svi_max_grad_norm = 5.0 * 32
-    config.model.svi_end_to_end = True
-    config.model.svi_remat = True
+    # SA-VAE's SVI refinement at the reference's settings (vae_jax.savae.SAVAE: svi_lr,
+    # svi_momentum, svi_max_grad_norm, ...); svi_steps = 0 is the plain VAE.
+    config.model.update(savae.svi_defaults(svi_steps=10 if variant.startswith("savae_") else 0))
 
     config.objective = "beta_elbo"
     config.grad_clip_norm = 5.0

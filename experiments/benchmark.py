@@ -51,6 +51,11 @@ import numpy as np
 
 from vae_jax import host, objectives, train
 
+try:
+    from vae_jax import runs
+except ImportError:  # a revision from before vae_jax.runs (ab_step.py)
+    runs = None
+
 PROFILED_STEPS = 5
 CONFIGS = {
     # name: (emb, hidden, latent, vocab, batch, length)
@@ -169,27 +174,38 @@ def time_calls(fn, calls: int, warmup: int, rounds: int) -> Timing:
     return Timing(times, per_round, compile_s, faults / calls)
 
 
+def _make_model(config: ml_collections.ConfigDict, vocab: int):
+    # ab_step.py runs this file against older revisions too, from before vae_jax.runs.
+    return (runs.make_model if runs else train.make_model)(config, vocab)
+
+
 def train_step_call(name: str) -> Callable[[], dict]:
     """One config's pmapped `train.train_step` on one device, state donated and carried over:
     each call runs one step on the same random batch and returns its metrics (not waited for)."""
     emb, hidden, latent, vocab, batch, length = CONFIGS[name]
     config = model_config(emb, hidden, latent)
-    model = train.make_model(config, vocab)
+    model = _make_model(config, vocab)
     beta_fn = lr_fn = lambda step: jnp.float32(1e-3)  # noqa: E731
     state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
-    state = train.replicate(state, jax.local_devices()[:1])
-    p_step = jax.pmap(
-        functools.partial(
-            train.train_step,
-            model=model,
-            beta_fn=beta_fn,
-            lr_fn=lr_fn,
-            objective=objectives.beta_elbo,
-        ),
-        axis_name=train.AXIS,
-        donate_argnums=(0,),
-        devices=jax.local_devices()[:1],
-    )
+    devices = jax.local_devices()[:1]
+    state = train.replicate(state, devices)
+    if hasattr(train, "make_p_train_step"):
+        p_step = train.make_p_train_step(
+            model, beta_fn, lr_fn, objectives.beta_elbo, devices=devices
+        )
+    else:  # an older revision (ab_step.py)
+        p_step = jax.pmap(
+            functools.partial(
+                train.train_step,
+                model=model,
+                beta_fn=beta_fn,
+                lr_fn=lr_fn,
+                objective=objectives.beta_elbo,
+            ),
+            axis_name=train.AXIS,
+            donate_argnums=(0,),
+            devices=devices,
+        )
     tokens = train.shard({"tokens": random_batch(vocab, batch, length)}, 1)
     holder = {"state": state}
 
@@ -215,7 +231,7 @@ def bench_iwnll(repeats: int, num_samples: int = 500) -> dict:
     from vae_jax import metrics
 
     emb, hidden, latent, vocab, batch, length = CONFIGS["ptb_23"]
-    model = train.make_model(model_config(emb, hidden, latent), vocab)
+    model = _make_model(model_config(emb, hidden, latent), vocab)
     batches = [{"tokens": random_batch(vocab, batch, length, seed)} for seed in range(2)]
     params = model.init(
         jax.random.PRNGKey(0),
@@ -286,8 +302,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if not args.no_malloc_tuning:
-        host.reexec_with_malloc_tunables()
-        host.keep_freed_memory()
+        host.tune_cpu_host()
     if args.steps < 1 or args.warmup < 0:
         parser.error(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} >= 0")
     if args.profile:

@@ -13,7 +13,6 @@ result. ``--set field=value`` overrides a ``config.model`` field of every varian
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -23,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from vae_jax import host, objectives, train
+from vae_jax import host, objectives, runs, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTB_VOCAB = 10_002  # 10,000 words, <unk> among them, and the specials of vae_jax.models
@@ -53,20 +52,11 @@ def time_variant(variant: str, overrides: dict, steps: int, length: int) -> dict
     config.model.update(overrides)
     num_devices = jax.local_device_count()
     beta_fn, lr_fn = train.make_schedules(config, steps_per_epoch=1_000)
-    model = train.make_model(config, PTB_VOCAB)
+    model = runs.make_model(config, PTB_VOCAB)
     state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
     state = train.replicate(state)
-    p_step = jax.pmap(
-        functools.partial(
-            train.train_step,
-            model=model,
-            beta_fn=beta_fn,
-            lr_fn=lr_fn,
-            objective=objectives.OBJECTIVES[config.objective],
-        ),
-        axis_name=train.AXIS,
-        donate_argnums=(0,),
-    )
+    objective = objectives.OBJECTIVES[config.objective]
+    p_step = train.make_p_train_step(model, beta_fn, lr_fn, objective)
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, PTB_VOCAB, size=(config.batch_size, length), dtype=np.int32)
     tokens[:, 0], tokens[:, -1] = 2, 3  # <s> … </s>
@@ -102,8 +92,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--out", help="Also write the results as JSON here.")
     args = parser.parse_args()
-    host.reexec_with_malloc_tunables()
-    host.keep_freed_memory()  # as in training: see vae_jax.host
+    host.tune_cpu_host()  # as in training: see vae_jax.host
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
     device = f"{jax.local_device_count()} x {jax.devices()[0].device_kind}"

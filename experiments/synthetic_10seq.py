@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from flax import jax_utils
 
-from vae_jax import input_pipeline, models, train, writers
+from vae_jax import host, input_pipeline, models, runs, train, writers
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -80,7 +80,7 @@ def run_schedule(variant: str, args, snapshot_steps):
     state = train.train_and_evaluate(config, workdir, callbacks=[keep_params])
     seconds = time.time() - start
     data = input_pipeline.get_data(config)
-    model = train.make_model(config, data.vocab_size)
+    model = runs.make_model(config, data.vocab_size)
     return config, model, state, snapshots, data.info["sequences"], seconds
 
 
@@ -138,9 +138,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=100, help="z samples per sequence.")
     args = parser.parse_args()
-    logging.set_verbosity(logging.INFO)  # the training loop's progress lines
     if args.steps < 40:
         parser.error(f"--steps={args.steps}: must be >= 40 (4 cycles of at least 10 steps).")
+    host.tune_cpu_host()  # as `vae_jax.main` does: see vae_jax.host
+    logging.set_verbosity(logging.INFO)  # the training loop's progress lines
     os.makedirs(args.out, exist_ok=True)
 
     snapshot_steps = sorted({max(1, round(s * args.steps / 40_000)) for s in SNAPSHOTS_AT_40K})

@@ -154,8 +154,7 @@ def main() -> None:
     if args.malloc_tuning:
         from vae_jax import host
 
-        host.reexec_with_malloc_tunables()
-        host.keep_freed_memory()
+        host.tune_cpu_host()
     names = [n for n in args.only.split(",") if n] or list(CONFIGS)
     unknown = set(names) - set(CONFIGS)
     if unknown:

@@ -4,18 +4,15 @@ import functools
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import tiny_synthetic_config
 
-from vae_jax import checkpoints, evaluate, metrics, models, objectives, train, writers
-
-sys.path.insert(0, str(REPO / "configs"))
-import synthetic  # noqa: E402  (configs/synthetic.py)
+from vae_jax import checkpoints, evaluate, metrics, models, objectives, runs, train, writers
+from vae_jax.tokens import BOS_ID, EOS_ID
 
 
 def tiny_vae(vocab=12, latent=2):
@@ -36,7 +33,7 @@ def random_rows(rng, lengths, width, vocab=12):
     tokens = np.zeros((len(lengths), width), np.int32)
     for i, n in enumerate(lengths):
         if n:
-            tokens[i, :n] = np.r_[models.BOS_ID, rng.integers(4, vocab, n - 2), models.EOS_ID]
+            tokens[i, :n] = np.r_[BOS_ID, rng.integers(4, vocab, n - 2), EOS_ID]
     return tokens
 
 
@@ -279,22 +276,9 @@ def test_hole_metrics_known_answers():
 # --- python -m vae_jax.evaluate on a short synthetic run -------------------------------------
 
 
-def tiny_synthetic_config(steps=40):
-    config = synthetic.get_config("cyclical")
-    config.num_train_steps = steps
-    config.log_every_steps = 20
-    config.eval_every_steps = steps
-    config.batch_size = 8
-    config.eval_batch_size = 4
-    config.data.vocab_size = 12
-    config.data.length = 4
-    config.model.update(enc_emb_dim=4, enc_hidden_dim=8, dec_emb_dim=4, dec_hidden_dim=8)
-    return config
-
-
 def test_evaluate_command_on_a_short_synthetic_run(tmp_path, capsys):
     workdir = str(tmp_path)
-    config = tiny_synthetic_config()
+    config = tiny_synthetic_config(steps=40, log_every=20)
     train.train_and_evaluate(config, workdir)
     # The synthetic task has no 'valid' split, hence no best checkpoint: the last one.
     argv = [f"--workdir={workdir}", "--checkpoint=last", "--num_importance_samples", "30"]
@@ -307,8 +291,16 @@ def test_evaluate_command_on_a_short_synthetic_run(tmp_path, capsys):
     assert results["predicted_tokens"] == 10 * 5
     numbers = [v for v in results.values() if isinstance(v, float)]
     assert all(math.isfinite(v) for v in numbers)
-    assert 0 <= results["au"] <= 2 and len(results["au_variances"]) == 2
-    assert 0 <= results["cu@0.1"] <= 2
+    # AU from the posterior means of the split's 10 sequences, computed here independently.
+    _, data, model, params, _ = runs.load_run(workdir, "last")
+    mu, _ = model.apply({"params": params}, data.info["sequences"], method=models.VAE.encode)
+    variances = np.var(np.asarray(mu, np.float64), axis=0, ddof=1)
+    np.testing.assert_allclose(results["au_variances"], variances, rtol=1e-4)
+    assert results["au"] == int(np.sum(variances > 0.01))
+    assert results["cu@0.1"] == sum(k < 0.1 for k in results["marginal_kl"])
+    assert [results[f"cu@{t:g}"] for t in metrics.CU_THRESHOLDS] == sorted(
+        results[f"cu@{t:g}"] for t in metrics.CU_THRESHOLDS
+    )  # CU@τ grows with τ
     for mi, ceiling in (("mi", "mi_ceiling"), ("mi_batch", "mi_batch_ceiling")):
         err = 4 * results[f"{mi}_stderr"] + 1e-3
         assert -err <= results[mi] <= results[ceiling] + err, (mi, results[mi], results[ceiling])
@@ -325,12 +317,12 @@ def test_evaluate_command_on_a_short_synthetic_run(tmp_path, capsys):
 def test_evaluate_command_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate.main([f"--workdir={tmp_path}"])
-    config = tiny_synthetic_config()
+    config = tiny_synthetic_config(steps=40)
     with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort())
     with pytest.raises(FileNotFoundError, match="best"):
         evaluate.main([f"--workdir={tmp_path}"])
-    model = train.make_model(config, config.data.vocab_size)
+    model = runs.make_model(config, config.data.vocab_size)
     params = init_params(model.clone(latent_dim=3))
     checkpoints.save(str(tmp_path / "best"), jax.device_get(params), {"step": 1})
     with pytest.raises(ValueError, match="do not match the model of config.model"):

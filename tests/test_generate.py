@@ -5,9 +5,11 @@ import functools
 import jax
 import numpy as np
 import pytest
-from test_evaluate import init_params, tiny_synthetic_config, tiny_vae
+from conftest import tiny_synthetic_config
+from test_evaluate import init_params, tiny_vae
 
-from vae_jax import checkpoints, generate, models, train
+from vae_jax import checkpoints, generate, models, runs
+from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
 
 def test_greedy_tokens_are_the_argmax_of_their_own_teacher_forced_logits():
@@ -15,20 +17,20 @@ def test_greedy_tokens_are_the_argmax_of_their_own_teacher_forced_logits():
     params = init_params(model, seed=1)
     z = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (6, 3))) * 3
     out = generate.decode(model, params, z, max_length=7)
-    tokens = np.concatenate([np.full((6, 1), models.BOS_ID), out], axis=1).astype(np.int32)
+    tokens = np.concatenate([np.full((6, 1), BOS_ID), out], axis=1).astype(np.int32)
     decode = jax.jit(functools.partial(model.apply, method=models.VAE.decode))
     logits = np.array(decode({"params": params}, tokens, z))
-    logits[..., [models.PAD_ID, models.BOS_ID]] = -np.inf  # never generated
+    logits[..., [PAD_ID, BOS_ID]] = -np.inf  # never generated
     for row, row_logits in zip(out, logits, strict=True):
-        ends = np.flatnonzero(row == models.EOS_ID)
+        ends = np.flatnonzero(row == EOS_ID)
         n = ends[0] + 1 if len(ends) else len(row)
         np.testing.assert_array_equal(row[:n], row_logits[:n].argmax(-1))
-        assert np.all(row[n:] == models.PAD_ID)
+        assert np.all(row[n:] == PAD_ID)
 
     key = jax.random.PRNGKey(1)
     sampled = generate.decode(model, params, z, 7, key, temperature=1.0)
     np.testing.assert_array_equal(sampled, generate.decode(model, params, z, 7, key, 1.0))
-    assert not np.isin(sampled[:, 0], [models.PAD_ID, models.BOS_ID]).any()
+    assert not np.isin(sampled[:, 0], [PAD_ID, BOS_ID]).any()
     np.testing.assert_array_equal(generate.decode(model, params, z, 7, key, 1e-4), out)
 
 
@@ -44,7 +46,7 @@ def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
     config = tiny_synthetic_config()
     (path / "config.json").write_text(config.to_json_best_effort(), encoding="utf-8")
-    model = train.make_model(config, config.data.vocab_size)
+    model = runs.make_model(config, config.data.vocab_size)
     checkpoints.save(str(path / "best"), init_params(model), {"step": 0})
     return str(path)
 

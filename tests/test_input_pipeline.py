@@ -3,21 +3,16 @@
 import itertools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ptb  # configs/ptb.py, on the path by conftest
+import ptb_table  # experiments/ptb_table.py
 import pytest
-from conftest import REPO
 
 from vae_jax import input_pipeline, models, objectives, train, writers
-
-sys.path.insert(0, str(REPO / "configs"))
-import ptb  # noqa: E402  (configs/ptb.py)
-
-sys.path.insert(0, str(REPO / "experiments"))
-import ptb_table  # noqa: E402
+from vae_jax.tokens import sequence_lengths
 
 WORDS = [f"w{i}" for i in range(20)]
 
@@ -90,7 +85,7 @@ def test_batches_are_padded_to_buckets_and_resume_mid_epoch():
         row_len = len(rows[indices[0]])
         assert tokens.shape == (8, batcher.bucket(row_len))
         assert tokens.shape[1] in (6, 10, 17) and tokens.shape[1] >= row_len
-        assert (models.sequence_lengths(tokens[: len(indices)]) == row_len).all()
+        assert (sequence_lengths(tokens[: len(indices)]) == row_len).all()
         assert (tokens[len(indices) :] == 0).all()  # filler rows
     # Restarting at (epoch 1, position 3) yields exactly the rest of the stream.
     resumed = batcher.epochs(start_epoch=1, position=3)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import models, objectives
+from vae_jax import kernels, models, objectives
+from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
 V, E, H, Z = 13, 6, 8, 3
 
@@ -24,9 +25,9 @@ def tiny_model(**kwargs):
 
 
 def tokens_of(*sentences, length=None):
-    rows = [[models.BOS_ID, *s, models.EOS_ID] for s in sentences]
+    rows = [[BOS_ID, *s, EOS_ID] for s in sentences]
     length = length or max(map(len, rows))
-    return jnp.array([r + [models.PAD_ID] * (length - len(r)) for r in rows], jnp.int32)
+    return jnp.array([r + [PAD_ID] * (length - len(r)) for r in rows], jnp.int32)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_reconstruction_is_hand_computed_cross_entropy():
     tokens = tokens_of([5, 6], length=6)  # <s> 5 6 </s> pad pad: targets 5 6 </s> pad pad
     logits = jax.random.normal(jax.random.PRNGKey(3), (1, 5, V))
     logp = np.asarray(jax.nn.log_softmax(logits[0]))
-    want = -(logp[0, 5] + logp[1, 6] + logp[2, models.EOS_ID])
+    want = -(logp[0, 5] + logp[1, 6] + logp[2, EOS_ID])
     np.testing.assert_allclose(objectives.reconstruction(logits, tokens), [want], rtol=1e-6)
     sums = objectives.batch_sums(jnp.array([want]), jnp.array([0.0]), tokens)
     assert float(sums["tokens"]) == 3.0 and float(sums["sequences"]) == 1.0
@@ -139,7 +140,7 @@ def test_threefry_is_jax_random_cipher():
     for _ in range(3):
         key = jnp.asarray(rng.integers(0, 2**32, 2, dtype=np.uint32))
         words = jnp.asarray(rng.integers(0, 2**32, 2 * 50, dtype=np.uint32))
-        x0, x1 = models.threefry2x32(key, words[:50], words[50:])
+        x0, x1 = kernels.threefry2x32(key, words[:50], words[50:])
         np.testing.assert_array_equal(jnp.concatenate([x0, x1]), threefry_2x32(key, words))
 
 
@@ -153,16 +154,16 @@ def test_dropout_masks_are_jax_random_bernoulli_of_each_step(rate):
         keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, row.shape[1:]))(steps)
         return jnp.where(keep, row / (1.0 - rate), 0.0)
 
-    out = jax.jit(models.dropout, static_argnums=1)(x, rate, keys)
+    out = jax.jit(kernels.dropout, static_argnums=1)(x, rate, keys)
     np.testing.assert_array_equal(out, jax.vmap(reference)(keys, x))
     assert abs(float(jnp.mean(out == 0.0)) - rate) < 0.1  # 385 draws
     # Typed keys give the same masks; a padded row keeps its first steps' masks.
     typed = jax.random.wrap_key_data(keys)
-    np.testing.assert_array_equal(models.dropout(x, rate, typed), out)
-    padded = models.dropout(jnp.pad(x, ((0, 0), (0, 4), (0, 0)), constant_values=1.0), rate, keys)
+    np.testing.assert_array_equal(kernels.dropout(x, rate, typed), out)
+    padded = kernels.dropout(jnp.pad(x, ((0, 0), (0, 4), (0, 0)), constant_values=1.0), rate, keys)
     np.testing.assert_array_equal(padded[:, :7], out)
 
 
 def test_dropout_rejects_keys_of_another_prng():
     with pytest.raises(ValueError, match=r"dropout keys: expected threefry keys.*\(3, 4\)"):
-        models.dropout(jnp.ones((3, 2, 4)), 0.5, jnp.zeros((3, 4), jnp.uint32))
+        kernels.dropout(jnp.ones((3, 2, 4)), 0.5, jnp.zeros((3, 4), jnp.uint32))

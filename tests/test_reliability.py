@@ -9,17 +9,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ptb  # configs/ptb.py, on the path by conftest
 import pytest
-from conftest import REPO
+import synthetic  # configs/synthetic.py
+from conftest import REPO, run_python
+from conftest import tiny_synthetic_config as shared_tiny_config
+from test_input_pipeline import tiny_ptb_config
 
 from vae_jax import checkpoints, config_checks, objectives, train, writers
-
-sys.path.insert(0, str(REPO / "configs"))
-import ptb  # noqa: E402
-import synthetic  # noqa: E402
-
-sys.path.insert(0, str(REPO / "tests"))
-from test_input_pipeline import tiny_ptb_config  # noqa: E402
 
 # A tiny synthetic run through the real command line: ~2 ms a step on CPU.
 TINY_FLAGS = [
@@ -168,12 +165,7 @@ def poisoned(threshold):
 
 
 def tiny_synthetic_config(variant="cyclical", steps=40):
-    config = synthetic.get_config(variant)
-    config.update(num_train_steps=steps, log_every_steps=5, eval_every_steps=steps)
-    config.update(batch_size=8, eval_batch_size=4, checkpoint_every_steps=5)
-    config.data.update(vocab_size=12, length=4)
-    config.model.update(enc_emb_dim=4, enc_hidden_dim=8, dec_emb_dim=4, dec_hidden_dim=8)
-    return config
+    return shared_tiny_config(variant, steps, log_every=5, checkpoint_every_steps=5)
 
 
 def guard_config(steps=40):
@@ -262,10 +254,10 @@ def test_every_shipped_config_variant_passes(tmp_path):
 
 
 def test_unknown_keys_fail_on_the_command_line(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "vae_jax.main", "--config=configs/synthetic.py",
-         f"--workdir={tmp_path}", "--config.modle.latent_dim=3"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+    out = run_python(
+        ["-m", "vae_jax.main", "--config=configs/synthetic.py", f"--workdir={tmp_path}",
+         "--config.modle.latent_dim=3"],
+        timeout=120,
     )  # fmt: skip
     assert out.returncode != 0 and "modle" in out.stderr
     assert not os.path.exists(tmp_path / "metrics.jsonl")

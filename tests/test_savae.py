@@ -1,29 +1,24 @@
 """SA-VAE: the SVI refinement's gradients, its end-to-end gradient, and its train/eval steps."""
 
-import functools
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import ptb  # configs/ptb.py, on the path by conftest
 import pytest
-from conftest import REPO
+import synthetic  # configs/synthetic.py
 from flax import jax_utils
 
-from vae_jax import models, objectives, savae, train
-
-sys.path.insert(0, str(REPO / "configs"))
-import ptb  # noqa: E402  (configs/ptb.py)
-import synthetic  # noqa: E402  (configs/synthetic.py)
+from vae_jax import models, objectives, runs, savae, train
+from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
 
 V = 11
 SIZES = dict(enc_emb_dim=5, enc_hidden_dim=6, dec_emb_dim=4, dec_hidden_dim=7, latent_dim=3)
 
 
 def tokens_of(*sentences, length=7):
-    rows = [[models.BOS_ID, *s, models.EOS_ID] for s in sentences]
-    return jnp.array([r + [models.PAD_ID] * (length - len(r)) for r in rows], jnp.int32)
+    rows = [[BOS_ID, *s, EOS_ID] for s in sentences]
+    return jnp.array([r + [PAD_ID] * (length - len(r)) for r in rows], jnp.int32)
 
 
 # Three sentences and a filler row of padding only (it must get a zero gradient, not a NaN).
@@ -39,7 +34,7 @@ def per_example_f(model, params, lam, keys, beta, train):
     """f_n = Rec_n + β·KL_n of each row, written out independently of `objectives.beta_elbo`."""
     out = savae.outputs_at(model, params, TOKENS, lam, keys, train=train)
     rec = objectives.reconstruction(out["logits"], TOKENS)
-    real = models.sequence_lengths(TOKENS) > 0  # filler rows count nothing
+    real = sequence_lengths(TOKENS) > 0  # filler rows count nothing
     return jnp.where(real, rec + beta * objectives.gaussian_kl(*lam), 0.0)
 
 
@@ -166,25 +161,16 @@ def tiny_config(svi_steps, dropout=0.5):
 
 def steps_for(model, config):
     beta_fn, lr_fn = train.make_schedules(config, None)
-    p_train = jax.pmap(
-        functools.partial(
-            train.train_step, model=model, beta_fn=beta_fn, lr_fn=lr_fn,
-            objective=objectives.beta_elbo,
-        ),
-        axis_name=train.AXIS,
-    )  # fmt: skip
-    p_eval = jax.pmap(
-        functools.partial(train.eval_step, model=model, objective=objectives.beta_elbo),
-        axis_name=train.AXIS,
-    )
+    p_train = train.make_p_train_step(model, beta_fn, lr_fn, objectives.beta_elbo, donate=False)
+    p_eval = train.make_p_eval_step(model, objectives.beta_elbo)
     return p_train, p_eval
 
 
 def test_k0_train_step_equals_the_plain_vae_step_exactly():
     config = tiny_config(svi_steps=2)
-    vae = train.make_model(tiny_config(svi_steps=0), V)
+    vae = runs.make_model(tiny_config(svi_steps=0), V)
     assert type(vae) is models.VAE  # svi_* fields are kept away from the plain VAE
-    sa_k2 = train.make_model(config, V)
+    sa_k2 = runs.make_model(config, V)
     assert isinstance(sa_k2, savae.SAVAE) and sa_k2.svi_steps == 2
     sa_k0 = sa_k2.clone(svi_steps=0)
     _, lr_fn = train.make_schedules(config, None)
@@ -204,7 +190,7 @@ def test_k0_train_step_equals_the_plain_vae_step_exactly():
 
 def test_eval_step_reports_the_refined_posterior_under_the_eval_key():
     config = tiny_config(svi_steps=2)
-    model = train.make_model(config, V)
+    model = runs.make_model(config, V)
     params = init(model)
     key = jax.random.PRNGKey(5)
     _, p_eval = steps_for(model, config)
@@ -281,10 +267,10 @@ def test_refinement_raises_the_elbo_of_a_trained_model():
 def test_configs_build_sa_vaes():
     for variant in ("savae_cyclical", "savae_monotonic"):
         config = ptb.get_config(variant)
-        model = train.make_model(config, 100)
+        model = runs.make_model(config, 100)
         assert isinstance(model, savae.SAVAE) and model.svi_steps == 10
         assert config.beta_schedule.name == variant.removeprefix("savae_")
-    assert type(train.make_model(ptb.get_config("cyclical"), 100)) is models.VAE
-    assert isinstance(train.make_model(synthetic.get_config("savae_monotonic"), 100), savae.SAVAE)
+    assert type(runs.make_model(ptb.get_config("cyclical"), 100)) is models.VAE
+    assert isinstance(runs.make_model(synthetic.get_config("savae_monotonic"), 100), savae.SAVAE)
     with pytest.raises(ValueError, match="config.model.svi_momentum=1.5"):
         savae.SAVAE(vocab_size=10, svi_momentum=1.5)

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vae_jax import tokens
 from vae_jax.datasets import text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +49,10 @@ def tiny_ptb(tmp_path: Path) -> Path:
 def test_tiny_ptb_vocab_counts_and_ids(tiny_ptb: Path, tmp_path: Path) -> None:
     ds = text.load("ptb", tiny_ptb, tmp_path / "tfds")
 
-    assert ds.vocab.words == text.SPECIALS + TINY_WORDS
+    assert ds.vocab.words == tokens.SPECIALS + TINY_WORDS
     assert len(ds.vocab) == 10
-    assert [ds.vocab.word_to_id[w] for w in text.SPECIALS] == [0, 1, 2, 3]
-    assert (text.PAD_ID, text.UNK_ID, text.BOS_ID, text.EOS_ID) == (0, 1, 2, 3)
+    assert [ds.vocab.word_to_id[w] for w in tokens.SPECIALS] == [0, 1, 2, 3]
+    assert (tokens.PAD_ID, tokens.UNK_ID, tokens.BOS_ID, tokens.EOS_ID) == (0, 1, 2, 3)
     assert ds.vocab.word_to_id["<unk>"] == 1
     assert ds.vocab_source == "train" and ds.missing_splits == ()
 
@@ -161,7 +162,7 @@ def test_overlong_sentences_dropped_and_counted(tiny_ptb: Path, tmp_path: Path, 
     # The kept sentence remembers its line in the source file.
     assert ds.splits["train"].example(0)["index"] == 1
     # The vocabulary does not depend on max_length.
-    assert ds.vocab.words == text.SPECIALS + TINY_WORDS
+    assert ds.vocab.words == tokens.SPECIALS + TINY_WORDS
 
 
 def test_changed_source_is_rebuilt(tiny_ptb: Path, tmp_path: Path, caplog) -> None:
@@ -241,7 +242,7 @@ def test_short_yelp_tab_labels(tmp_path: Path) -> None:
     (src / "short_yelp.valid.txt").write_text("1\tgood <unk>\n")
     (src / "short_yelp.test.txt").write_text("0\tbad food\n1\tgood service\n")
     ds = text.load("short_yelp", src, tmp_path / "tfds")
-    assert ds.vocab.words == text.SPECIALS + ("good", "food", "bad", "service")
+    assert ds.vocab.words == tokens.SPECIALS + ("good", "food", "bad", "service")
     assert ds.vocab_source == "file:vocab.txt"
     assert ds.missing_splits == ("train",)
     train = ds.splits["train_100"]
@@ -263,7 +264,7 @@ def test_yelp_sentiment_suffix_labels_vocab_fallback(tmp_path: Path, caplog) -> 
         ds = text.load("yelp_sentiment", src, tmp_path / "tfds")
     assert "vocabulary taken from 'valid'" in caplog.text
     assert "['train'] absent" in caplog.text
-    assert ds.vocab.words == text.SPECIALS + ("awful", "food", "great")
+    assert ds.vocab.words == tokens.SPECIALS + ("awful", "food", "great")
     valid = ds.splits["valid"]
     assert [valid.example(i)["label"] for i in range(3)] == [0, 0, 1]
     assert [valid.example(i)["index"] for i in range(3)] == [0, 1, 2]
@@ -277,20 +278,19 @@ def test_yahoo_missing_train_and_unk_token(tmp_path: Path) -> None:
     (src / "yahoo.valid.txt").write_text("what is _UNK ?\n")
     (src / "yahoo.test.txt").write_text("is what\n")
     ds = text.load("yahoo", src, tmp_path / "tfds")
-    assert ds.vocab.words == text.SPECIALS + ("what", "is")
+    assert ds.vocab.words == tokens.SPECIALS + ("what", "is")
     assert ds.missing_splits == ("train",)
     np.testing.assert_array_equal(ds.splits["valid"][0], [4, 5, 1, 1])
     assert sorted(ds.splits) == ["test", "valid"]
 
 
-def test_real_corpora_specs_find_their_files() -> None:
-    root = _data_root()
-    for corpus in text.CORPORA:
-        source = text.source_dir_for(corpus, root)
-        if not source.is_dir():
-            pytest.skip(f"{source} is absent")
-        layout = text._check_sources(text.get_spec(corpus), source)
-        assert layout.splits, corpus
+@pytest.mark.parametrize("corpus", sorted(text.CORPORA))
+def test_real_corpora_specs_find_their_files(corpus: str) -> None:
+    source = text.source_dir_for(corpus, _data_root())
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent (set VAE_JAX_DATA_DIR to the corpora root)")
+    layout = text._check_sources(text.get_spec(corpus), source)
+    assert layout.splits, corpus
 
 
 # ----------------------------------------------------------------------------- Vocab
@@ -302,7 +302,7 @@ _WORDS = st.sampled_from(TINY_WORDS)
 @settings(max_examples=50, deadline=None)
 @given(st.lists(_WORDS, min_size=1, max_size=20))
 def test_vocab_round_trip(words: list[str]) -> None:
-    vocab = text.Vocab(text.SPECIALS + TINY_WORDS)
+    vocab = text.Vocab(tokens.SPECIALS + TINY_WORDS)
     sentence = " ".join(words)
     ids = vocab.encode(sentence)
     assert ids.dtype == np.int32 and len(ids) == len(words)
@@ -310,7 +310,7 @@ def test_vocab_round_trip(words: list[str]) -> None:
 
 
 def test_vocab_unknowns_and_validation() -> None:
-    vocab = text.Vocab(text.SPECIALS + ("a", "b"), unk_token="_UNK")
+    vocab = text.Vocab(tokens.SPECIALS + ("a", "b"), unk_token="_UNK")
     np.testing.assert_array_equal(vocab.encode("a _UNK zzz <unk> b"), [4, 1, 1, 1, 5])
     with pytest.raises(ValueError, match="start with"):
         text.Vocab(("a", "b"))

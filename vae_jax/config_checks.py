@@ -56,25 +56,18 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.objective not in objectives.OBJECTIVES:
         _fail("objective", config.objective, f"must be one of {sorted(objectives.OBJECTIVES)}")
 
-    if config.schedule_unit not in ("steps", "epochs"):
+    if config.schedule_unit not in schedules.UNITS:
         _fail("schedule_unit", config.schedule_unit, "must be 'steps' or 'epochs'")
     if config.schedule_unit == "epochs" and config.data.name == "synthetic":
         _fail("schedule_unit", "epochs", "the synthetic stream has no epochs; use 'steps'")
     for field in ("beta_schedule", "lr_schedule"):
-        try:  # the factory checks names and values; one step per epoch keeps fields as given
-            schedules.make_schedule(_in_steps(config[field].to_dict(), config.schedule_unit))
+        try:  # the factory checks names and values; any scale of epochs checks them
+            fields = schedules.in_steps(config[field].to_dict(), config.schedule_unit, 1_000)
+            schedules.make_schedule(fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"config.{field}: {e}") from None
 
     _check_data(config)
-
-
-def _in_steps(cfg: dict, unit: str) -> dict:
-    if unit == "epochs":  # epoch-valued fields become step counts later; any scale checks
-        for field in ("warmup_steps", "total_steps", "steps_per_update"):
-            if field in cfg:
-                cfg[field] = max(int(round(cfg[field] * 1000)), 0)
-    return cfg
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:

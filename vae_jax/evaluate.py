@@ -16,85 +16,27 @@ IW-NLL dominates the time: on PTB's test split (3,761 sentences, 10k words) each
 samples needs the full softmax at every token. ``--num_importance_samples 50`` is a quick run.
 """
 
-from __future__ import annotations
+from vae_jax import host
 
-import argparse
-import json
-import math
-import os
-import sys
-import time
-from collections.abc import Sequence
-from typing import Any
+if __name__ == "__main__":
+    host.tune_cpu_host("vae_jax.evaluate")  # before jax loads: see vae_jax.host
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
 
-from vae_jax import checkpoints, host, input_pipeline, metrics, models, train
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from vae_jax import cli, input_pipeline, metrics, models, runs  # noqa: E402
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's ``config.json`` as a ConfigDict."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir={workdir}: no {path} (written when a run starts).")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def check_params(model: models.VAE, params: Any, where: str) -> None:
-    """Raises ``ValueError`` naming ``where`` unless ``params`` has the shapes ``model`` makes."""
-    tokens, keys = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.uint32)
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, keys, train=False))
-    want = {
-        jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)
-    }
-    have = {
-        jax.tree_util.keystr(p): np.shape(x)
-        for p, x in jax.tree_util.tree_leaves_with_path({"params": params})
-    }
-    if want != have:
-        diff = sorted(
-            f"{k}: checkpoint {have.get(k, 'missing')}, config {want.get(k, 'missing')}"
-            for k in set(want) | set(have)
-            if want.get(k) != have.get(k)
-        )
-        raise ValueError(
-            f"{where}: parameters do not match the model of config.model: " + "; ".join(diff[:5])
-        )
-
-
-def load_run(
-    workdir: str, checkpoint: str = "best", data_dir: str | None = None
-) -> tuple[ml_collections.ConfigDict, input_pipeline.Data, models.VAE, Any, dict]:
-    """Config, data, model, parameters and checkpoint info of a run's workdir.
-
-    ``checkpoint``: ``best`` (lowest valid PPL bound), ``last`` or a step number.
-    ``data_dir`` overrides ``config.data.data_dir`` (corpora moved since training).
-    """
-    config = load_config(workdir)
-    if data_dir:
-        config.data.data_dir = data_dir
-    params, info = checkpoints.restore_params(workdir, checkpoint)
-    data = input_pipeline.get_data(config)
-    model = train.make_model(config, data.vocab_size)
-    check_params(model, params, f"{workdir} checkpoint {checkpoint!r}")
-    return config, data, model, params, info
-
-
-def choose_split(data: input_pipeline.Data, split: str | None) -> str:
-    """``split``, else ``test`` where the data has one, else its first evaluation split."""
-    if not split:
-        return "test" if "test" in data.eval_splits else next(iter(data.eval_splits))
-    if split not in data.eval_splits:
-        raise ValueError(f"--split={split}: this run's data has splits {sorted(data.eval_splits)}.")
-    return split
 
 
 def evaluate_split(
@@ -112,7 +54,7 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Every metric of one split (see the module docstring); per sentence unless named so.
 
-    ``elbo_key`` is the key training evaluates with (``PRNGKey(config.seed + 1)``), so the ELBO
+    ``elbo_key`` is the key training evaluates with (`runs.eval_key`), so the ELBO
     figures repeat the logged ones; IW samples, MI's z and the prior samples of the hole
     metrics come from ``key`` (folded with 0, 1, 2).
     """
@@ -210,64 +152,71 @@ def format_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m vae_jax.evaluate", description=__doc__.splitlines()[0]
+def define_flags(fv: flags.FlagValues) -> None:
+    """This command's flags, on ``fv``."""
+    flags.DEFINE_string("workdir", None, "A run's directory (config.json).", flag_values=fv)
+    flags.DEFINE_string("split", "", "Default: test if present, else the first.", flag_values=fv)
+    flags.DEFINE_string("checkpoint", "best", "best, last or a step number.", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_importance_samples", 500, "K of IW-NLL.", lower_bound=1, flag_values=fv
     )
-    parser.add_argument("--workdir", required=True, help="A run's directory (config.json).")
-    parser.add_argument("--split", default="", help="Default: test if present, else the first.")
-    parser.add_argument("--checkpoint", default="best", help="best, last or a step number.")
-    parser.add_argument("--num_importance_samples", type=int, default=500, help="K of IW-NLL.")
-    parser.add_argument("--num_prior_samples", type=int, default=16_384, help="Hole metrics.")
-    parser.add_argument(
-        "--max_rows", type=int, default=512, help="Decoder rows (sentences × samples) at once."
+    flags.DEFINE_integer(
+        "num_prior_samples", 16_384, "Hole metrics.", lower_bound=2, flag_values=fv
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of IW, MI and prior samples.")
-    parser.add_argument("--data_dir", default="", help="Overrides config.data.data_dir.")
-    args = parser.parse_args(argv)
-    for name in ("num_importance_samples", "num_prior_samples", "max_rows"):
-        if getattr(args, name) < (2 if name == "num_prior_samples" else 1):
-            parser.error(f"--{name}={getattr(args, name)}: must be a positive integer.")
-    return args
+    flags.DEFINE_integer(
+        "max_rows",
+        512,
+        "Decoder rows (sentences x samples) at once.",
+        lower_bound=1,
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of IW, MI and prior samples.", flag_values=fv)
+    flags.DEFINE_string("data_dir", "", "Overrides config.data.data_dir.", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Command line entry point; returns the results it writes."""
-    args = parse_args(argv)
-    host.keep_freed_memory()  # the K-sample softmaxes reuse their memory: see vae_jax.host
-    config, data, model, params, info = load_run(args.workdir, args.checkpoint, args.data_dir)
-    split = choose_split(data, args.split)
-    _log(f"Evaluating {args.workdir} (checkpoint {args.checkpoint}: {info}) on {split}.")
+def run(fv: flags.FlagValues) -> dict[str, Any]:
+    """Evaluates as the parsed flags ``fv`` say; returns the results it writes."""
+    config, data, model, params, info = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir)
+    split = runs.choose_split(data, fv.split)
+    _log(f"Evaluating {fv.workdir} (checkpoint {fv.checkpoint}: {info}) on {split}.")
     results = evaluate_split(
         model,
         params,
         data.eval_splits[split],
-        elbo_key=jax.random.PRNGKey(config.seed + 1),
-        key=jax.random.PRNGKey(args.seed),
-        num_importance_samples=args.num_importance_samples,
-        num_prior_samples=args.num_prior_samples,
-        max_rows=args.max_rows,
+        elbo_key=runs.eval_key(config),
+        key=jax.random.PRNGKey(fv.seed),
+        num_importance_samples=fv.num_importance_samples,
+        num_prior_samples=fv.num_prior_samples,
+        max_rows=fv.max_rows,
         verbose=True,
     )
     results = {
-        "workdir": args.workdir,
+        "workdir": fv.workdir,
         "split": split,
-        "checkpoint": args.checkpoint,
+        "checkpoint": fv.checkpoint,
         "checkpoint_info": info,
-        "seed": args.seed,
+        "seed": fv.seed,
         **results,
     }
     print(
-        f"{args.workdir} · {split} · checkpoint {args.checkpoint} · {results['sentences']} "
+        f"{fv.workdir} · {split} · checkpoint {fv.checkpoint} · {results['sentences']} "
         f"sentences, {results['predicted_tokens']} predicted tokens; per sentence, in nats"
     )
     print(format_table(results))
-    path = os.path.join(args.workdir, f"eval_{split}.json")
+    path = os.path.join(fv.workdir, f"eval_{split}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     _log(f"Wrote {path}")
     return results
 
 
+def main(argv: Sequence[str]) -> dict[str, Any]:
+    """Runs the command with the flags in ``argv`` (no program name), as from a notebook or a
+    test; a bad flag exits with status 2 and a one-line message, as on the command line."""
+    return run(cli.parse(define_flags, "python -m vae_jax.evaluate", argv))
+
+
 if __name__ == "__main__":
-    main()
+    define_flags(flags.FLAGS)
+    app.run(cli.absl_main(run))

@@ -16,18 +16,22 @@ which has no words) or else are drawn at random (``--seed``) from ``--split``. T
 print words, the synthetic task prints ids.
 """
 
-from __future__ import annotations
+from vae_jax import host
 
-import argparse
-import functools
-from collections.abc import Sequence
-from typing import Any
+if __name__ == "__main__":
+    host.tune_cpu_host("vae_jax.generate")  # before jax loads: see vae_jax.host
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import functools  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
 
-from vae_jax import evaluate, input_pipeline, metrics, models
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from vae_jax import cli, input_pipeline, metrics, models, runs  # noqa: E402
+from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length"))
@@ -99,81 +103,94 @@ class Text:
             return self.vocab.decode(ids)
         out = []
         for i in np.asarray(ids).tolist():
-            if i == models.EOS_ID:
+            if i == EOS_ID:
                 break
-            if i not in (models.PAD_ID, models.BOS_ID):
+            if i not in (PAD_ID, BOS_ID):
                 out.append(str(i))
         return " ".join(out)
 
 
-def _rows(args: argparse.Namespace, text: Text, data: input_pipeline.Data, n: int) -> list:
+def _rows(fv: flags.FlagValues, text: Text, data: input_pipeline.Data, n: int) -> list:
     """The ``--sentence`` rows, else ``n`` sentences of the split drawn with ``--seed``."""
-    if args.sentence:
-        return [text.row(s) for s in args.sentence]
-    rows = metrics.split_rows(data.eval_splits[evaluate.choose_split(data, args.split)])
+    if fv.sentence:
+        return [text.row(s) for s in fv.sentence]
+    rows = metrics.split_rows(data.eval_splits[runs.choose_split(data, fv.split)])
     # Evaluation batches run shortest first: a prefix would hold only the shortest sentences.
-    pick = np.random.default_rng(args.seed).choice(len(rows), min(n, len(rows)), replace=False)
+    pick = np.random.default_rng(fv.seed).choice(len(rows), min(n, len(rows)), replace=False)
     return [rows[i] for i in pick]
 
 
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    """Command line entry point; returns the printed lines."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vae_jax.generate", description=__doc__.splitlines()[0]
+def define_flags(fv: flags.FlagValues) -> None:
+    """This command's flags, on ``fv``."""
+    flags.DEFINE_string("workdir", None, "A run's directory (config.json).", flag_values=fv)
+    flags.DEFINE_enum(
+        "mode", None, ["prior", "reconstruct", "interpolate"], "What to decode.", flag_values=fv
     )
-    parser.add_argument("--workdir", required=True, help="A run's directory (config.json).")
-    parser.add_argument("--mode", required=True, choices=("prior", "reconstruct", "interpolate"))
-    parser.add_argument("--checkpoint", default="best", help="best, last or a step number.")
-    parser.add_argument("--num", type=int, default=5, help="Prior samples / reconstructions.")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Of prior sampling.")
-    parser.add_argument("--max_length", type=int, default=50, help="Tokens per sentence.")
-    parser.add_argument("--split", default="", help="Sentences from here if no --sentence.")
-    parser.add_argument("--sentence", action="append", help="Input sentence (repeatable).")
-    parser.add_argument("--steps", type=int, default=10, help="Interpolation intervals.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data_dir", default="", help="Overrides config.data.data_dir.")
-    args = parser.parse_args(argv)
-    for name in ("num", "max_length", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}={getattr(args, name)}: must be a positive integer.")
-    if not args.temperature > 0:
-        parser.error(f"--temperature={args.temperature}: must be > 0.")
-    if args.mode == "interpolate" and args.sentence and len(args.sentence) != 2:
-        parser.error(f"--mode=interpolate takes two --sentence, got {len(args.sentence)}.")
+    flags.DEFINE_string("checkpoint", "best", "best, last or a step number.", flag_values=fv)
+    flags.DEFINE_integer(
+        "num", 5, "Prior samples / reconstructions.", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_float("temperature", 1.0, "Of prior sampling (> 0).", flag_values=fv)
+    flags.DEFINE_integer("max_length", 50, "Tokens per sentence.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("split", "", "Sentences from here if no --sentence.", flag_values=fv)
+    flags.DEFINE_multi_string("sentence", [], "Input sentence (repeatable).", flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "Interpolation intervals.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Of prior samples and drawn sentences.", flag_values=fv)
+    flags.DEFINE_string("data_dir", "", "Overrides config.data.data_dir.", flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "mode"], flag_values=fv)
+    flags.register_validator(
+        "temperature", lambda t: t > 0, "--temperature must be > 0.", flag_values=fv
+    )
+    flags.register_multi_flags_validator(
+        ["mode", "sentence"],
+        lambda f: f["mode"] != "interpolate" or not f["sentence"] or len(f["sentence"]) == 2,
+        "--mode=interpolate takes two --sentence.",
+        flag_values=fv,
+    )
 
-    _, data, model, params, _ = evaluate.load_run(args.workdir, args.checkpoint, args.data_dir)
+
+def run(fv: flags.FlagValues) -> list[str]:
+    """Decodes as the parsed flags ``fv`` say; returns the printed lines."""
+    _, data, model, params, _ = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir)
     text = Text(data)
-    key = jax.random.PRNGKey(args.seed)
+    key = jax.random.PRNGKey(fv.seed)
     lines = []
-    if args.mode == "prior":
-        z = np.asarray(jax.random.normal(key, (args.num, model.latent_dim)))
-        greedy = decode(model, params, z, args.max_length)
+    if fv.mode == "prior":
+        z = np.asarray(jax.random.normal(key, (fv.num, model.latent_dim)))
+        greedy = decode(model, params, z, fv.max_length)
         sampled = decode(
-            model, params, z, args.max_length, jax.random.fold_in(key, 1), args.temperature
+            model, params, z, fv.max_length, jax.random.fold_in(key, 1), fv.temperature
         )
-        for i in range(args.num):
+        for i in range(fv.num):
             lines += [
                 f"z{i} greedy: {text.show(greedy[i])}",
-                f"z{i} T={args.temperature:g}: {text.show(sampled[i])}",
+                f"z{i} T={fv.temperature:g}: {text.show(sampled[i])}",
             ]
-    elif args.mode == "reconstruct":
-        rows = _rows(args, text, data, args.num)
-        out = decode(model, params, posterior_means(model, params, rows), args.max_length)
+    elif fv.mode == "reconstruct":
+        rows = _rows(fv, text, data, fv.num)
+        out = decode(model, params, posterior_means(model, params, rows), fv.max_length)
         for row, rec in zip(rows, out, strict=True):
             lines += [f"input: {text.show(row)}", f"recon: {text.show(rec)}", ""]
     else:
-        rows = _rows(args, text, data, 2)
+        rows = _rows(fv, text, data, 2)
         if len(rows) < 2:
             raise ValueError("--mode=interpolate: the split has fewer than two sentences.")
         mu = posterior_means(model, params, rows)
-        out = decode(model, params, interpolation_points(mu[0], mu[1], args.steps), args.max_length)
+        out = decode(model, params, interpolation_points(mu[0], mu[1], fv.steps), fv.max_length)
         lines.append(f"a: {text.show(rows[0])}")
-        for t, ids in zip(np.linspace(0.0, 1.0, args.steps + 1), out, strict=True):
+        for t, ids in zip(np.linspace(0.0, 1.0, fv.steps + 1), out, strict=True):
             lines.append(f"{t:.2f}: {text.show(ids)}")
         lines.append(f"b: {text.show(rows[1])}")
     print("\n".join(lines))
     return lines
 
 
+def main(argv: Sequence[str]) -> list[str]:
+    """Runs the command with the flags in ``argv`` (no program name), as from a notebook or a
+    test; a bad flag exits with status 2 and a one-line message, as on the command line."""
+    return run(cli.parse(define_flags, "python -m vae_jax.generate", argv))
+
+
 if __name__ == "__main__":
-    main()
+    define_flags(flags.FLAGS)
+    app.run(cli.absl_main(run))

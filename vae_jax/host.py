@@ -10,12 +10,17 @@ next step to reuse: after the first steps a train step touches no new page. glib
 ``glibc.malloc.hugetlb=1`` tunable backs the heap with transparent huge pages while it grows (one
 fault per 2 MiB instead of per 4 KiB); tunables are read at process start, hence
 `reexec_with_malloc_tunables`.
+
+Both change the whole process, so only entry points call them (`tune_cpu_host`: ``main``,
+``evaluate``, ``generate``, the benchmarks), never the library, and only when JAX is going to
+run on the CPU (`cpu_backend_expected`). ``VAE_JAX_NO_REEXEC=1`` keeps the process as started.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
 import os
 import sys
 
@@ -77,3 +82,31 @@ def reexec_with_malloc_tunables(module: str | None = None) -> None:
     sys.stderr.flush()
     command = ["-m", module] if module else [sys.argv[0]]
     os.execve(sys.executable, [sys.executable, *command, *sys.argv[1:]], env)
+
+
+# Distributions that give JAX an accelerator backend.
+_ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-tpu")
+
+
+def cpu_backend_expected() -> bool:
+    """Whether JAX will run on the CPU, decided without starting JAX (whose backend start
+    would spawn the threads these settings must precede): ``JAX_PLATFORMS`` when set (its
+    first entry), else whether no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME")
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith(_ACCELERATOR_PLUGINS):
+            return False
+    return True
+
+
+def tune_cpu_host(module: str | None = None) -> bool:
+    """The entry points' host set-up on the CPU backend: re-exec with `TUNABLE`, then
+    `keep_freed_memory`. Call first thing, before jax computes anything (importing it is fine).
+    ``module``: see `reexec_with_malloc_tunables`. Returns whether the settings apply."""
+    if not cpu_backend_expected():
+        return False
+    reexec_with_malloc_tunables(module)
+    return keep_freed_memory()

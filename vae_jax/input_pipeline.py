@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from vae_jax.datasets import synthetic, text
+from vae_jax.tokens import BOS_ID, EOS_ID
 
 Batch = dict[str, np.ndarray]
 
@@ -65,7 +66,7 @@ def synthetic_stream(
 
 def with_boundaries(sentence: np.ndarray) -> np.ndarray:
     """``w₁ … w_n`` -> ``<s> w₁ … w_n </s>`` (int32)."""
-    return np.concatenate([[text.BOS_ID], sentence, [text.EOS_ID]]).astype(np.int32)
+    return np.concatenate([[BOS_ID], sentence, [EOS_ID]]).astype(np.int32)
 
 
 def check_buckets(bucket_lengths: Sequence[int], longest_row: int) -> tuple[int, ...]:

@@ -8,7 +8,7 @@
 from vae_jax import host
 
 if __name__ == "__main__":
-    host.reexec_with_malloc_tunables("vae_jax.main")  # before jax: see vae_jax.host
+    host.tune_cpu_host("vae_jax.main")  # before jax loads: see vae_jax.host
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

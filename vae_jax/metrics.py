@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax import models, objectives
+from vae_jax import forward, models, objectives
+from vae_jax.tokens import sequence_lengths
 
 
 def add_sums(a: Mapping[str, float] | None, b: Mapping[str, float]) -> dict[str, float]:
@@ -62,24 +63,39 @@ LOG_2PI = math.log(2.0 * math.pi)
 # --- ELBO, as during training ----------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _elbo_sums(params: Any, tokens: jnp.ndarray, key: jax.Array, *, model: models.VAE) -> dict:
+@functools.partial(jax.jit, static_argnames=("model", "objective"))
+def _elbo_sums(
+    params: Any,
+    tokens: jnp.ndarray,
+    key: jax.Array,
+    *,
+    model: models.VAE,
+    objective: objectives.Objective,
+) -> dict:
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(tokens.shape[0]))
-    outputs = model.apply({"params": params}, tokens, keys, train=False)
-    rec = objectives.reconstruction(outputs["logits"], tokens)
-    kl = objectives.gaussian_kl(outputs["mu"], outputs["logvar"])
-    return objectives.batch_sums(rec, kl, tokens)
+    return forward.apply(
+        model, params, tokens, keys, beta=1.0, objective=objective, train=False
+    ).sums
 
 
-def elbo_figures(model: models.VAE, params: Any, batches: Batches, key: jax.Array) -> dict:
-    """`summarize` of a split without dropout, Rec from one z per sentence, KL analytic.
+def elbo_figures(
+    model: models.VAE,
+    params: Any,
+    batches: Batches,
+    key: jax.Array,
+    objective: objectives.Objective = objectives.beta_elbo,
+) -> dict:
+    """`summarize` of a split without dropout, Rec from one z per sentence, KL analytic, at
+    the posterior the model is trained at (`vae_jax.forward`: an SA-VAE's refined λ_K).
 
     The noise of row n of batch i comes from ``fold_in(fold_in(key, i), n)``, as in training's
     evaluation on one device: with the run's evaluation key the figures are the logged ones.
     """
     total = None
     for i, batch in enumerate(batches):
-        sums = _elbo_sums(params, batch["tokens"], jax.random.fold_in(key, i), model=model)
+        sums = _elbo_sums(
+            params, batch["tokens"], jax.random.fold_in(key, i), model=model, objective=objective
+        )
         total = add_sums(total, jax.device_get(sums))
     return summarize(total)
 
@@ -144,7 +160,7 @@ def log_aggregate_posterior(
 @functools.partial(jax.jit, static_argnames="model")
 def _encode(params: Any, tokens: jnp.ndarray, *, model: models.VAE):
     mu, logvar = model.apply({"params": params}, tokens, method=models.VAE.encode)
-    return mu, logvar, models.sequence_lengths(tokens) > 0
+    return mu, logvar, sequence_lengths(tokens) > 0
 
 
 def posteriors(
@@ -371,7 +387,7 @@ def split_rows(batches: Batches) -> list[np.ndarray]:
     rows = []
     for batch in batches:
         tokens = np.asarray(batch["tokens"])
-        for row, length in zip(tokens, np.asarray(models.sequence_lengths(tokens)), strict=True):
+        for row, length in zip(tokens, np.asarray(sequence_lengths(tokens)), strict=True):
             if length > 0:
                 rows.append(row[:length])
     return rows

@@ -4,8 +4,10 @@
     p(x|z) = Π_t p(x_t | x_<t, z): [embed(x_<t); z] → LSTM with h₀ = Dense(z), c₀ = 0
                                     → Dense to the vocabulary
 
-Token layout: a sequence is ``<s> w₁ … w_n </s>`` followed by ``<pad>`` (id 0). The encoder reads
-all of it up to ``</s>``; the decoder reads ``<s> w₁ … w_n`` and predicts ``w₁ … w_n </s>``.
+Token layout (`vae_jax.tokens`): a sequence is ``<s> w₁ … w_n </s>`` followed by ``<pad>``. The
+encoder reads all of it up to ``</s>``; the decoder reads ``<s> w₁ … w_n`` and predicts
+``w₁ … w_n </s>``. The layers are `vae_jax.kernels`' CPU-tuned ones (a test checks the model
+against a plain formulation).
 
 Noise is per example: every stochastic method takes ``keys``, one PRNG key per example (shape
 ``(B, 2)``), so an example's z sample and dropout masks do not depend on which other examples
@@ -18,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+from vae_jax.kernels import FusedBiasDense, batched_affine, dropout, lstm_scan, lstm_step
+from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
 
 
 def uniform_init(scale: float) -> nn.initializers.Initializer:
@@ -28,222 +31,6 @@ def uniform_init(scale: float) -> nn.initializers.Initializer:
         return jax.random.uniform(key, shape, dtype, -scale, scale)
 
     return init
-
-
-@jax.custom_vjp
-def affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """x @ w + b for x (N, D), w (D, M), b (M,), whose backward pass keeps [xᵀ; 1].
-
-    ∂w = xᵀ·g contracts the rows of both x and g. XLA's CPU backend computes that product by
-    transposing g, which for the output layer is the (N, V) logits gradient, a fifth of a
-    PTB-size step; from a stored xᵀ (N × D, small) it is a plain matmul, and a row of ones
-    under it gives ∂b = Σ_n g_n in the same product instead of another pass over g. The
-    optimisation barrier keeps XLA from folding the transpose back into the product. Like every
-    custom VJP here (`lstm_scan` too), it supports reverse mode to any order (SA-VAE
-    differentiates through gradients) but not forward mode (`jax.jvp`).
-    """
-    return x @ w + b
-
-
-def _affine_fwd(x, w, b):
-    x_t1 = jnp.concatenate([x.T, jnp.ones((1, x.shape[0]), x.dtype)])
-    return x @ w + b, (jax.lax.optimization_barrier(x_t1), w)
-
-
-def _affine_bwd(residuals, g):
-    x_t1, w = residuals
-    d_x = g @ w.T
-    # A zero-weighted data dependency: ∂w waits for ∂x, so the layers below (the decoder's
-    # backward loop, latency-bound) start at once and run beside ∂w's large product instead of
-    # after it (XLA orders independent products as it likes). Exact: x + 0·d = x for finite d,
-    # and a non-finite ∂x makes the whole gradient non-finite, a step the train step skips.
-    x_t1 = x_t1 + 0.0 * d_x[0, 0]
-    d_wb = x_t1 @ g
-    return d_x, d_wb[:-1], d_wb[-1]
-
-
-affine.defvjp(_affine_fwd, _affine_bwd)
-
-
-def batched_affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """x (…, D) @ w (D, M) + b through `affine`, the leading axes flattened into rows."""
-    return affine(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[-1])
-
-
-class Dense(nn.Module):
-    """`nn.Dense` (same parameters: ``kernel`` (D, M), ``bias`` (M,)) computed by `affine`.
-
-    ``nn.Dense`` adds its bias outside ``dot_general``, where the bias gradient cannot join the
-    kernel gradient's matmul.
-    """
-
-    features: int
-    kernel_init: nn.initializers.Initializer
-    bias_init: nn.initializers.Initializer
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        bias = self.param("bias", self.bias_init, (self.features,))
-        return batched_affine(x, kernel, bias)
-
-
-def _cell(gates: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """The LSTM cell from its pre-activations (i, f, g, o): h_t, c_t and the activated gates."""
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-    c = f * c + i * g
-    return o * jnp.tanh(c), c, jnp.concatenate([i, f, g, o], axis=-1)
-
-
-def _lstm_forward(input_gates, w_hh, h0, c0):
-    """The scan of `lstm_scan`, time-major, also returning c_t and the activated gates."""
-
-    def cell(carry, x_t):
-        h, c = carry
-        h, c, acts = _cell(x_t + h @ w_hh, c)
-        return (h, c), (h, c, acts)
-
-    _, (hs, cs, acts) = jax.lax.scan(cell, (h0, c0), jnp.swapaxes(input_gates, 0, 1))
-    return hs, cs, acts
-
-
-@jax.custom_vjp
-def lstm_scan(
-    input_gates: jnp.ndarray, w_hh: jnp.ndarray, h0: jnp.ndarray, c0: jnp.ndarray
-) -> jnp.ndarray:
-    """Runs an LSTM whose input projection W_x·x_t + b is already computed for every step.
-
-    input_gates: (B, T, 4H) in gate order (i, f, g, o); w_hh: (H, 4H). Returns h_t, (B, T, H):
-        i, f, g, o = W_x x_t + b + W_h h_{t−1}
-        c_t = σ(f) ⊙ c_{t−1} + σ(i) ⊙ tanh(g),   h_t = σ(o) ⊙ tanh(c_t)
-    Only the recurrent matmul stays inside the scan; the input projection is one large matmul
-    outside it. The backward pass is written out (backpropagation through time): its loop
-    carries ∂h and ∂c and emits each step's gate gradient δ_t; ∂W_h = Σ_t h_{t−1}ᵀ δ_t is then
-    one (H × BT)·(BT × 4H) matmul after the loop instead of T small ones inside it.
-    """
-    return jnp.swapaxes(_lstm_forward(input_gates, w_hh, h0, c0)[0], 0, 1)
-
-
-def _lstm_scan_fwd(input_gates, w_hh, h0, c0):
-    hs, cs, acts = _lstm_forward(input_gates, w_hh, h0, c0)
-    return jnp.swapaxes(hs, 0, 1), (hs, cs, acts, w_hh, h0, c0)
-
-
-def _lstm_scan_bwd(residuals, d_hs):
-    hs, cs, acts, w_hh, h0, c0 = residuals  # time-major
-    c_prev = jnp.concatenate([c0[None], cs[:-1]])
-    # W_hᵀ materialised once: the loop's δ·W_hᵀ then reads its operand in order (on one core,
-    # 192 instead of 246 µs a step at the PTB size).
-    w_hh_t = jax.lax.optimization_barrier(w_hh.T)
-
-    def cell(carry, xs):
-        dh_next, dc_next = carry
-        d_out, c, c_before, act = xs
-        i, f, g, o = jnp.split(act, 4, axis=-1)
-        dh = d_out + dh_next
-        tanh_c = jnp.tanh(c)
-        dc = dc_next + dh * o * (1.0 - tanh_c * tanh_c)
-        delta = jnp.concatenate(
-            [
-                dc * g * i * (1.0 - i),
-                dc * c_before * f * (1.0 - f),
-                dc * i * (1.0 - g * g),
-                dh * tanh_c * o * (1.0 - o),
-            ],
-            axis=-1,
-        )
-        return (delta @ w_hh_t, dc * f), delta
-
-    (dh0, dc0), deltas = jax.lax.scan(
-        cell, (jnp.zeros_like(h0), jnp.zeros_like(c0)),
-        (jnp.swapaxes(d_hs, 0, 1), cs, c_prev, acts), reverse=True,
-    )  # fmt: skip
-    h_prev = jnp.concatenate([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])
-    # h_prevᵀ materialised (small) so that XLA's CPU backend does not transpose δ instead.
-    d_w_hh = jax.lax.optimization_barrier(h_prev.T) @ deltas.reshape(-1, deltas.shape[-1])
-    return jnp.swapaxes(deltas, 0, 1), d_w_hh, dh0, dc0
-
-
-lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
-
-
-def lstm_step(
-    input_gates: jnp.ndarray, w_hh: jnp.ndarray, h: jnp.ndarray, c: jnp.ndarray
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """One step of the cell of `lstm_scan` (the same `_cell`): (h_t, c_t)."""
-    h, c, _ = _cell(input_gates + h @ w_hh, c)
-    return h, c
-
-
-# Rotations of Threefry-2x32 (Salmon et al. 2011, Table 4), rounds 1–4 and 5–8 of each 8.
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def threefry2x32(
-    key: jnp.ndarray, x0: jnp.ndarray, x1: jnp.ndarray
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Threefry-2x32, 20 rounds (Salmon et al. 2011): the block cipher behind `jax.random`.
-
-    key: (..., 2) uint32; the counter words x0, x1 (uint32) broadcast against ``key[..., 0]``.
-    The same function as ``jax.extend.random.threefry_2x32`` (a test compares them), written
-    as plain integer operations so that XLA fuses it into the kernel that uses the bits; JAX's
-    own CPU lowering is a loop over the five 4-round blocks, each iteration a few kernels over
-    the whole array, which for a PTB batch's dropout masks cost ≈ 2 ms between the encoder
-    and the decoder.
-    """
-    k0, k1 = key[..., 0], key[..., 1]
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for block in range(5):
-        for r in _THREEFRY_ROTATIONS[block % 2]:
-            x0 = x0 + x1
-            x1 = x0 ^ ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r)))
-        x0 = x0 + ks[(block + 1) % 3]
-        x1 = x1 + ks[(block + 2) % 3] + jnp.uint32(block + 1)
-    return x0, x1
-
-
-def _raw_threefry_keys(keys: jnp.ndarray) -> jnp.ndarray:
-    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        keys = jax.random.key_data(keys)
-    if keys.dtype != jnp.uint32 or keys.shape[-1:] != (2,):
-        raise ValueError(
-            f"dropout keys: expected threefry keys, uint32 of shape (..., 2), got {keys.dtype} "
-            f"{keys.shape} (another jax_default_prng_impl?)"
-        )
-    return keys
-
-
-def dropout(x: jnp.ndarray, rate: float, keys: jnp.ndarray | None) -> jnp.ndarray:
-    """Inverted dropout on (B, T, D) with one key per example; identity if keys is None.
-
-    Element (t, d) of example b is kept with probability 1 − rate, exactly where
-    ``jax.random.bernoulli(jax.random.fold_in(keys[b], t), 1 − rate, (D,))[d]`` is true (the
-    same bits, from `threefry2x32`; a test checks it). Step t's mask depends on t alone, not
-    on how far the row is padded: bucket padding leaves training with dropout unchanged.
-    """
-    if keys is None or rate == 0.0:
-        return x
-    keys = _raw_threefry_keys(keys)
-    _, steps, dims = x.shape
-    zero = jnp.uint32(0)
-    step_keys = jnp.stack(  # fold_in(key, t): the cipher of the counter (0, t)
-        threefry2x32(keys[:, None, :], zero, jnp.arange(steps, dtype=jnp.uint32)), axis=-1
-    )
-    # random_bits(step_key, 32, (D,)): the cipher of (0, d), its two words xor-ed.
-    bits = jnp.bitwise_xor(
-        *threefry2x32(step_keys[:, :, None, :], zero, jnp.arange(dims, dtype=jnp.uint32))
-    )
-    # uniform in [0, 1) from the top 23 bits, as jax.random.uniform builds it.
-    mantissa = (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
-    uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
-    return jnp.where(uniform < jnp.float32(1.0 - rate), x / (1.0 - rate), 0.0)
-
-
-def sequence_lengths(tokens: jnp.ndarray) -> jnp.ndarray:
-    """Number of non-pad tokens in each row (``<s>`` and ``</s>`` included)."""
-    return jnp.sum(tokens != PAD_ID, axis=-1)
 
 
 class VAE(nn.Module):
@@ -261,7 +48,10 @@ class VAE(nn.Module):
 
     def setup(self):
         init = uniform_init(self.init_scale)
-        dense = lambda n, name: Dense(n, kernel_init=init, bias_init=init, name=name)  # noqa: E731
+
+        def dense(features: int, name: str) -> FusedBiasDense:
+            return FusedBiasDense(features, kernel_init=init, bias_init=init, name=name)
+
         h_enc, h_dec = self.enc_hidden_dim, self.dec_hidden_dim
         self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
         self.enc_input = dense(4 * h_enc, "enc_input")

@@ -9,10 +9,17 @@ at the end gives exact averages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax.numpy as jnp
 import optax
 
-from vae_jax.models import PAD_ID, sequence_lengths
+from vae_jax.tokens import PAD_ID, sequence_lengths
+
+# objective(outputs, tokens, beta) -> (objective_sum, sums)
+Objective = Callable[
+    [dict[str, jnp.ndarray], jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, dict[str, jnp.ndarray]]
+]
 
 
 def gaussian_kl(mu: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:

@@ -23,14 +23,14 @@ Everything is a pure function of ``params`` built on ``model.apply(..., method=.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from vae_jax import models, objectives
 
-Objective = Callable[..., tuple[jnp.ndarray, dict[str, jnp.ndarray]]]
+Objective = objectives.Objective
 Lambda = tuple[jnp.ndarray, jnp.ndarray]  # (μ, log σ²), each (B, latent_dim)
 
 # Folded into an example's key to derive its SVI noise; any constant that differs from what the
@@ -86,6 +86,14 @@ class SAVAE(models.VAE):
                     f"config.model.{field}={getattr(self, field)!r}: must be {allowed}."
                 )
         super().__post_init__()
+
+
+def svi_defaults(svi_steps: int = 0) -> dict:
+    """The ``config.model`` fields of the SVI refinement, at `SAVAE`'s defaults (the PTB
+    reference's settings), with ``svi_steps`` steps (0: the plain VAE). Configs take them from
+    here, so the defaults have one home."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SAVAE) if f.name in SVI_FIELDS}
+    return {**defaults, "svi_steps": svi_steps}
 
 
 def split_keys(keys: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -224,23 +232,27 @@ def loss(
     beta: jnp.ndarray,
     objective: Objective = objectives.beta_elbo,
     train: bool = True,
-) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """``objective`` at λ_K: its value and sums are those of f(λ_K); its gradient is the SA-VAE's.
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
+    """``objective`` at λ_K: its value, its sums and the outputs there (what ``model.apply``
+    returns, at λ_K); its gradient is the SA-VAE's. `vae_jax.forward.apply` calls it.
 
     End to end (Algorithm 1): d f(λ_K(φ, θ), θ) / d(φ, θ), through the refinement. Otherwise the
     decoder gets ∂f(λ_K, θ)/∂θ at a constant λ_K and the encoder ∂f(λ₀(φ), θ)/∂φ at a constant
     θ (the reference's ``train_n2n=0, train_kl=0``); that term is added as f(λ₀) − f(λ₀) held
-    constant, so it moves the gradient and not the value.
+    constant, so it moves the gradient and not the value (and is dead code, removed by XLA,
+    where nobody differentiates).
     """
     lam0 = model.apply({"params": params}, tokens, method=models.VAE.encode)
     kwargs = {"beta": beta, "objective": objective, "train": train}
     if model.svi_end_to_end:
         lam = refine(model, params, tokens, lam0, keys, **kwargs)
-        return objective(outputs_at(model, params, tokens, lam, keys, train=train), tokens, beta)
+        outputs = outputs_at(model, params, tokens, lam, keys, train=train)
+        return (*objective(outputs, tokens, beta), outputs)
     frozen = jax.lax.stop_gradient(params)
     lam = refine(model, frozen, tokens, jax.lax.stop_gradient(lam0), keys, **kwargs)
-    total, sums = objective(outputs_at(model, params, tokens, lam, keys, train=train), tokens, beta)
+    outputs = outputs_at(model, params, tokens, lam, keys, train=train)
+    total, sums = objective(outputs, tokens, beta)
     encoder_total, _ = objective(
         outputs_at(model, frozen, tokens, lam0, keys, train=train), tokens, beta
     )
-    return total + (encoder_total - jax.lax.stop_gradient(encoder_total)), sums
+    return total + (encoder_total - jax.lax.stop_gradient(encoder_total)), sums, outputs

@@ -201,3 +201,26 @@ def make_schedule(cfg: Mapping[str, Any]) -> Schedule:
             f"schedule {name!r} got unknown field(s) {unknown}: allowed fields are {list(fields)}."
         )
     return factory(**cfg)
+
+
+# Fields that count steps; a config with ``schedule_unit = "epochs"`` gives them in epochs.
+STEP_FIELDS = ("warmup_steps", "total_steps", "steps_per_update")
+UNITS = ("steps", "epochs")
+
+
+def in_steps(cfg: Mapping[str, Any], unit: str, steps_per_epoch: int | None) -> dict[str, Any]:
+    """A schedule config with its `STEP_FIELDS` in steps: given in ``unit`` ("steps" or
+    "epochs"), epoch values are multiplied by ``steps_per_epoch`` and rounded."""
+    cfg = dict(cfg)
+    if unit not in UNITS:
+        raise ValueError(f"config.schedule_unit={unit!r}: must be 'steps' or 'epochs'.")
+    if unit == "epochs":
+        if not steps_per_epoch:
+            raise ValueError(
+                "config.schedule_unit='epochs' needs a dataset with epochs; this one has none. "
+                "Use schedule_unit='steps'."
+            )
+        for field in STEP_FIELDS:
+            if field in cfg:
+                cfg[field] = int(round(cfg[field] * steps_per_epoch))
+    return cfg

@@ -1,7 +1,11 @@
 """Training and evaluation: `TrainState`, `train_step`, `eval_step`, `train_and_evaluate`.
 
-This module owns the device axis. Steps are `jax.pmap`-ed over ``jax.local_device_count()``
-devices; a global batch of B rows is split into equal shards. Each example's noise (its z sample
+Both steps get the model's objective and sums from `vae_jax.forward.apply`, the one forward
+pass; the run's workdir (saved config, resume, best parameters) is `vae_jax.runs`'.
+
+This module owns the device axis: steps are `jax.pmap`-ed (`make_p_train_step`,
+`make_p_eval_step`) over ``jax.local_device_count()`` devices; a global batch of B rows is split
+into equal shards. Each example's noise (its z sample
 and dropout masks) comes from ``fold_in(fold_in(state.rng, step), n)`` with n its position in the
 global batch, and gradients and statistics are summed over devices, so N devices compute what
 one device computes on the same global batch.
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import os
 import signal
 import threading
@@ -31,20 +34,18 @@ from flax.training import train_state
 from vae_jax import (
     checkpoints,
     config_checks,
-    host,
+    forward,
     input_pipeline,
     metrics,
     models,
     objectives,
-    savae,
+    runs,
     schedules,
     writers,
 )
+from vae_jax.tokens import sequence_lengths
 
 AXIS = "devices"  # the pmap axis name, used nowhere else
-
-# Schedule fields that count steps; `schedule_unit = "epochs"` multiplies them by steps/epoch.
-_STEP_FIELDS = ("warmup_steps", "total_steps", "steps_per_update")
 
 
 class TrainState(train_state.TrainState):
@@ -58,36 +59,19 @@ class TrainState(train_state.TrainState):
 Callback = Callable[[int, TrainState], None]
 
 
-def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.VAE:
-    """The VAE of ``config.model``; an `savae.SAVAE` (refined by SVI) when svi_steps > 0."""
-    fields = config.model.to_dict()
-    if fields.get("svi_steps", 0) > 0:
-        return savae.SAVAE(vocab_size=vocab_size, **fields)
-    fields = {k: v for k, v in fields.items() if k not in savae.SVI_FIELDS}
-    return models.VAE(vocab_size=vocab_size, **fields)
-
-
 def make_schedules(
     config: ml_collections.ConfigDict, steps_per_epoch: int | None
 ) -> tuple[schedules.Schedule, schedules.Schedule]:
     """β and learning-rate schedules, with epoch-valued fields converted to steps."""
 
+    if config.schedule_unit == "epochs" and not steps_per_epoch:
+        raise ValueError(
+            "config.schedule_unit='epochs' needs a dataset with epochs; "
+            f"{config.data.name!r} has none. Use schedule_unit='steps'."
+        )
+
     def in_steps(cfg: ml_collections.ConfigDict) -> dict:
-        cfg = cfg.to_dict()
-        if config.schedule_unit == "epochs":
-            if not steps_per_epoch:
-                raise ValueError(
-                    "config.schedule_unit='epochs' needs a dataset with epochs; "
-                    f"{config.data.name!r} has none. Use schedule_unit='steps'."
-                )
-            for field in _STEP_FIELDS:
-                if field in cfg:
-                    cfg[field] = int(round(cfg[field] * steps_per_epoch))
-        elif config.schedule_unit != "steps":
-            raise ValueError(
-                f"config.schedule_unit={config.schedule_unit!r}: must be 'steps' or 'epochs'."
-            )
-        return cfg
+        return schedules.in_steps(cfg.to_dict(), config.schedule_unit, steps_per_epoch)
 
     beta_fn = schedules.make_schedule(in_steps(config.beta_schedule))
     lr_fn = schedules.make_schedule(in_steps(config.lr_schedule))
@@ -153,16 +137,12 @@ def train_step(
     tokens = batch["tokens"]
     beta = beta_fn(state.step)
     keys = example_keys(jax.random.fold_in(state.rng, state.step), tokens.shape[0])
-    num_seqs = jax.lax.psum(jnp.sum(models.sequence_lengths(tokens) > 0), AXIS)
+    num_seqs = jax.lax.psum(jnp.sum(sequence_lengths(tokens) > 0), AXIS)
 
     def loss_fn(params):
-        if isinstance(model, savae.SAVAE):  # f at the SVI-refined λ_K; SVI uses this same β
-            objective_sum, sums = savae.loss(
-                model, params, tokens, keys, beta=beta, objective=objective, train=True
-            )
-        else:
-            outputs = model.apply({"params": params}, tokens, keys, train=True)
-            objective_sum, sums = objective(outputs, tokens, beta)
+        objective_sum, sums, _ = forward.apply(
+            model, params, tokens, keys, beta=beta, objective=objective, train=True
+        )
         return objective_sum / jnp.maximum(num_seqs, 1), sums
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -209,15 +189,45 @@ def eval_step(
     """Summed statistics of a shard without dropout, one z sample per example; an SA-VAE's at
     its refined posterior, the refinement maximising the ELBO (β = 1) under ``key``."""
     tokens = batch["tokens"]
-    keys, beta = example_keys(key, tokens.shape[0]), jnp.float32(1.0)
-    if isinstance(model, savae.SAVAE):
-        outputs = savae.apply(
-            model, params, tokens, keys, beta=beta, objective=objective, train=False
-        )
-    else:
-        outputs = model.apply({"params": params}, tokens, keys, train=False)
-    _, sums = objective(outputs, tokens, beta)
+    keys = example_keys(key, tokens.shape[0])
+    _, sums, _ = forward.apply(
+        model, params, tokens, keys, beta=1.0, objective=objective, train=False
+    )
     return jax.lax.psum(sums, AXIS)
+
+
+def make_p_train_step(
+    model: models.VAE,
+    beta_fn: schedules.Schedule,
+    lr_fn: schedules.Schedule,
+    objective: objectives.Objective,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    donate: bool = True,
+    compilations: collections.Counter | None = None,
+) -> Callable:
+    """`train_step` pmapped over ``devices`` (default: all local ones) along `AXIS`, the input
+    state donated; ``compilations["train_step_compilations"]`` counts its traces."""
+    step = functools.partial(
+        train_step, model=model, beta_fn=beta_fn, lr_fn=lr_fn, objective=objective
+    )
+    if compilations is not None:
+        step = _counted(step, compilations, "train_step_compilations")
+    return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else (), devices=devices)
+
+
+def make_p_eval_step(
+    model: models.VAE,
+    objective: objectives.Objective,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    compilations: collections.Counter | None = None,
+) -> Callable:
+    """`eval_step` pmapped like `make_p_train_step`'s step (nothing donated)."""
+    step = functools.partial(eval_step, model=model, objective=objective)
+    if compilations is not None:
+        step = _counted(step, compilations, "eval_step_compilations")
+    return jax.pmap(step, axis_name=AXIS, devices=devices)
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
@@ -313,49 +323,6 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def check_workdir_config(
-    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
-) -> None:
-    """Refuses a workdir whose ``config.json`` differs from ``config``, naming the keys."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        old = _flatten(json.load(f))
-    new = _flatten(json.loads(config.to_json_best_effort()))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff and not allow_config_change:
-        lines = "\n".join(
-            f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in diff
-        )
-        raise ValueError(
-            f"{workdir} holds a run with a different config (workdir -> now):\n{lines}\n"
-            "Use another --workdir, or pass --allow_config_change to continue it anyway."
-        )
-    if diff:
-        logging.warning("Continuing %s with a changed config: %s", workdir, diff)
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drops records after ``step``: a resumed run writes them again."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
 class _StopSignals:
     """Turns SIGTERM and SIGINT into a flag the loop checks between steps."""
 
@@ -393,17 +360,16 @@ def train_and_evaluate(
     ``workdir/best/``. SIGTERM and Ctrl-C save a checkpoint and raise `TrainingInterrupted`.
     ``callbacks`` are called as ``callback(step, state)`` after every step (replicated state).
     """
-    host.keep_freed_memory()  # before XLA's threads allocate: see vae_jax.host
     num_devices = jax.local_device_count()
     config_checks.check_config(config, num_devices)
-    check_workdir_config(config, workdir, allow_config_change)
+    runs.check_workdir_config(config, workdir, allow_config_change)
     data = input_pipeline.get_data(config)
     steps_per_epoch = data.steps_per_epoch
     num_steps = run_length(config, steps_per_epoch)
     eval_every = eval_interval(config, steps_per_epoch)
     beta_fn, lr_fn = make_schedules(config, steps_per_epoch)
     objective = objectives.OBJECTIVES[config.objective]
-    model = make_model(config, data.vocab_size)
+    model = runs.make_model(config, data.vocab_size)
 
     os.makedirs(workdir, exist_ok=True)
     checkpointer = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
@@ -416,14 +382,9 @@ def train_and_evaluate(
         state, meta = checkpointer.restore(checkpointer.latest_step(), target=state)
         start = int(state.step)
         logging.info("Resuming %s from step %d (%s).", workdir, start, meta)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=1))
-    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-    best_info = os.path.join(workdir, "best", checkpoints.INFO)
-    best = float("inf")
-    if start and os.path.exists(best_info):
-        with open(best_info, encoding="utf-8") as f:
-            best = json.load(f)["valid"]["ppl_bound"]
+    runs.save_config(config, workdir)
+    runs.truncate_metrics(workdir, start)
+    best = runs.best_ppl_bound(workdir) if start else float("inf")
 
     def meta(step: int) -> dict:
         epoch, position = divmod(step, steps_per_epoch) if steps_per_epoch else (None, step)
@@ -434,26 +395,9 @@ def train_and_evaluate(
 
     state = replicate(state)
     traces = collections.Counter()  # pmap traces once per new batch shape, then compiles
-    p_train_step = jax.pmap(
-        _counted(
-            functools.partial(
-                train_step, model=model, beta_fn=beta_fn, lr_fn=lr_fn, objective=objective
-            ),
-            traces,
-            "train_step_compilations",
-        ),
-        axis_name=AXIS,
-        donate_argnums=(0,),
-    )
-    p_eval_step = jax.pmap(
-        _counted(
-            functools.partial(eval_step, model=model, objective=objective),
-            traces,
-            "eval_step_compilations",
-        ),
-        axis_name=AXIS,
-    )
-    eval_key = jax.random.PRNGKey(config.seed + 1)
+    p_train_step = make_p_train_step(model, beta_fn, lr_fn, objective, compilations=traces)
+    p_eval_step = make_p_eval_step(model, objective, compilations=traces)
+    eval_key = runs.eval_key(config)
 
     writer = writers.MetricWriter(workdir)
     progress = writers.Progress(num_steps, initial=start)
@@ -567,7 +511,9 @@ def _evaluate_and_keep_best(
     if "valid" in results and results["valid"]["ppl_bound"] < best:
         best = results["valid"]["ppl_bound"]
         params = jax.device_get(jax_utils.unreplicate(state.params))
-        checkpoints.save(os.path.join(workdir, "best"), params, {"step": step, **epoch, **results})
+        checkpoints.save(
+            os.path.join(workdir, runs.BEST), params, {"step": step, **epoch, **results}
+        )
     return best
 
 

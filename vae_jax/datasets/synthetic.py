@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# Token ids shared with the text corpora (see vae_jax.models).
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-NUM_SPECIALS = 4
+from vae_jax.tokens import BOS_ID, EOS_ID, NUM_SPECIALS
 
 
 def make_sequences(num_sequences: int, length: int, vocab_size: int, seed: int) -> np.ndarray:

@@ -60,11 +60,10 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vae_jax.tokens import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID, SPECIALS, UNK, UNK_ID
+
 logger = logging.getLogger(__name__)
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-SPECIALS: tuple[str, ...] = (PAD, UNK, BOS, EOS)
 
 # Bump when the meaning of a built dataset changes (parsing, features, vocabulary order): it
 # is part of the fingerprint, so older builds are rebuilt rather than misread.

@@ -1,0 +1,167 @@
+"""A run's workdir: what a run leaves behind, and how readers get it back.
+
+    WORKDIR/config.json       the config the run trains with (checked on resume)
+    WORKDIR/metrics.jsonl     one record per logged step (`vae_jax.writers`)
+    WORKDIR/checkpoints/      periodic orbax checkpoints of the whole state
+    WORKDIR/best/             the parameters of the best valid PPL bound, and their figures
+
+`train` writes a workdir; `evaluate`, `generate` and the experiment scripts read one through
+`load_run`, without importing the training loop. `make_model` is the one place a config becomes
+a model, and `eval_key` the one key every evaluation of a run draws its noise from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vae_jax import checkpoints, input_pipeline, models, savae
+
+CONFIG, METRICS, BEST = "config.json", "metrics.jsonl", "best"
+
+
+def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.VAE:
+    """The VAE of ``config.model``; an `savae.SAVAE` (refined by SVI) when svi_steps > 0."""
+    fields = config.model.to_dict()
+    if fields.get("svi_steps", 0) > 0:
+        return savae.SAVAE(vocab_size=vocab_size, **fields)
+    fields = {k: v for k, v in fields.items() if k not in savae.SVI_FIELDS}
+    return models.VAE(vocab_size=vocab_size, **fields)
+
+
+def eval_key(config: ml_collections.ConfigDict) -> jax.Array:
+    """The key of a run's ELBO evaluation, in training and in `vae_jax.evaluate` alike, so
+    that the two report the same figures for the same parameters."""
+    return jax.random.PRNGKey(config.seed + 1)
+
+
+# --- The saved config ------------------------------------------------------------------------
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    with open(os.path.join(workdir, CONFIG), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=1))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's ``config.json`` as a ConfigDict."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir={workdir}: no {path} (written when a run starts).")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def check_workdir_config(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
+) -> None:
+    """Refuses a workdir whose ``config.json`` differs from ``config``, naming the keys."""
+    path = os.path.join(workdir, CONFIG)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = _flatten(json.load(f))
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff and not allow_config_change:
+        lines = "\n".join(
+            f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in diff
+        )
+        raise ValueError(
+            f"{workdir} holds a run with a different config (workdir -> now):\n{lines}\n"
+            "Use another --workdir, or pass --allow_config_change to continue it anyway."
+        )
+    if diff:
+        logging.warning("Continuing %s with a changed config: %s", workdir, diff)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+# --- Resuming --------------------------------------------------------------------------------
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+    """Drops the records after ``step`` from ``metrics.jsonl``: a resumed run writes them again."""
+    path = os.path.join(workdir, METRICS)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def best_ppl_bound(workdir: str) -> float:
+    """The valid PPL bound of the saved best parameters; inf if none are saved."""
+    path = os.path.join(workdir, BEST, checkpoints.INFO)
+    if not os.path.exists(path):
+        return float("inf")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["valid"]["ppl_bound"]
+
+
+# --- Reading a run ---------------------------------------------------------------------------
+
+
+def check_params(model: models.VAE, params: Any, where: str) -> None:
+    """Raises ``ValueError`` naming ``where`` unless ``params`` has the shapes ``model`` makes."""
+    tokens, keys = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.uint32)
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, keys, train=False))
+    want = {
+        jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)
+    }
+    have = {
+        jax.tree_util.keystr(p): np.shape(x)
+        for p, x in jax.tree_util.tree_leaves_with_path({"params": params})
+    }
+    if want != have:
+        diff = sorted(
+            f"{k}: checkpoint {have.get(k, 'missing')}, config {want.get(k, 'missing')}"
+            for k in set(want) | set(have)
+            if want.get(k) != have.get(k)
+        )
+        raise ValueError(
+            f"{where}: parameters do not match the model of config.model: " + "; ".join(diff[:5])
+        )
+
+
+def load_run(
+    workdir: str, checkpoint: str = "best", data_dir: str | None = None
+) -> tuple[ml_collections.ConfigDict, input_pipeline.Data, models.VAE, Any, dict]:
+    """Config, data, model, parameters and checkpoint info of a run's workdir.
+
+    ``checkpoint``: ``best`` (lowest valid PPL bound), ``last`` or a step number.
+    ``data_dir`` overrides ``config.data.data_dir`` (corpora moved since training).
+    """
+    config = load_config(workdir)
+    if data_dir:
+        config.data.data_dir = data_dir
+    params, info = checkpoints.restore_params(workdir, checkpoint)
+    data = input_pipeline.get_data(config)
+    model = make_model(config, data.vocab_size)
+    check_params(model, params, f"{workdir} checkpoint {checkpoint!r}")
+    return config, data, model, params, info
+
+
+def choose_split(data: input_pipeline.Data, split: str | None) -> str:
+    """``split``, else ``test`` where the data has one, else its first evaluation split."""
+    if not split:
+        return "test" if "test" in data.eval_splits else next(iter(data.eval_splits))
+    if split not in data.eval_splits:
+        raise ValueError(f"--split={split}: this run's data has splits {sorted(data.eval_splits)}.")
+    return split
