@@ -320,8 +320,10 @@ def test_evaluate_command_errors_name_the_problem(tmp_path):
     config = tiny_synthetic_config(steps=40)
     with open(tmp_path / "config.json", "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort())
-    with pytest.raises(FileNotFoundError, match="best"):
-        evaluate.main([f"--workdir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="no best checkpoint"):
+        evaluate.main([f"--workdir={tmp_path}", "--checkpoint=best"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        evaluate.main([f"--workdir={tmp_path}"])  # auto: no best, so the last, and none
     model = runs.make_model(config, config.data.vocab_size)
     params = init_params(model.clone(latent_dim=3))
     checkpoints.save(str(tmp_path / "best"), jax.device_get(params), {"step": 1})

@@ -7,9 +7,10 @@ import optax
 import ptb  # configs/ptb.py, on the path by conftest
 import pytest
 import synthetic  # configs/synthetic.py
+from conftest import tiny_synthetic_config
 from flax import jax_utils
 
-from vae_jax import models, objectives, runs, savae, train
+from vae_jax import evaluate, models, objectives, runs, savae, train, writers
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
 
 V = 11
@@ -274,3 +275,43 @@ def test_configs_build_sa_vaes():
     assert isinstance(runs.make_model(synthetic.get_config("savae_monotonic"), 100), savae.SAVAE)
     with pytest.raises(ValueError, match="config.model.svi_momentum=1.5"):
         savae.SAVAE(vocab_size=10, svi_momentum=1.5)
+
+
+def test_evaluate_scores_an_sa_vae_at_its_refined_posterior(tmp_path):
+    """`vae_jax.evaluate` of an SA-VAE: its ELBO figures are training's logged evaluation
+    (both at λ_K), MI/AU/holes use λ_K, IW-NLL with q(z|x; λ_K) bounds the ELBO, and the
+    amortized λ₀ figures come beside them."""
+    workdir = str(tmp_path)
+    config = tiny_synthetic_config("savae_cyclical", steps=60, log_every=20)
+    config.model.svi_steps = 5
+    train.train_and_evaluate(config, workdir)
+    argv = [f"--workdir={workdir}", "--checkpoint=last", "--num_importance_samples=200"]
+    results = evaluate.main([*argv, "--num_prior_samples=500"])
+
+    logged = [r for r in writers.read_metrics(workdir) if "eval_rec" in r][-1]
+    assert results["rec"] == pytest.approx(logged["eval_rec"], rel=1e-4)
+    assert results["kl"] == pytest.approx(logged["eval_kl"], rel=1e-4, abs=1e-6)
+    assert results["posterior"].startswith("svi_refined")
+    assert results["amortized_posterior"].startswith("encoder")
+    # Refinement does not lower the ELBO beyond Monte Carlo error.
+    err = 4 * results["elbo_mc_stderr"]
+    assert results["neg_elbo"] <= results["amortized_neg_elbo"] + err
+    assert results["iw_nll"] <= results["neg_elbo"] + err
+    assert results["amortized_iw_nll"] <= results["amortized_neg_elbo"] + err
+
+    # AU's variances are those of λ_K's means, refined here by savae.apply under the same keys.
+    _, data, model, params, _ = runs.load_run(workdir, "last")
+    key, mus = runs.eval_key(config), []
+    for i, batch in enumerate(data.eval_splits["eval"]):
+        tokens = jnp.asarray(batch["tokens"])
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(
+            jax.random.fold_in(key, i), jnp.arange(tokens.shape[0])
+        )
+        out = savae.apply(model, params, tokens, keys, beta=jnp.float32(1.0), train=False)
+        mus.append(np.asarray(out["mu"])[np.asarray(sequence_lengths(tokens)) > 0])
+    variances = np.var(np.concatenate(mus).astype(np.float64), axis=0, ddof=1)
+    np.testing.assert_allclose(results["au_variances"], variances, rtol=1e-4, atol=1e-9)
+    lam0 = model.apply({"params": params}, data.info["sequences"], method=models.VAE.encode)
+    assert not np.allclose(np.concatenate(mus), lam0[0], rtol=0, atol=1e-6)  # λ_K ≠ λ₀
+    amortized = np.var(np.asarray(lam0[0], np.float64), axis=0, ddof=1)
+    np.testing.assert_allclose(results["amortized_au_variances"], amortized, rtol=1e-4, atol=1e-9)

@@ -1,7 +1,7 @@
 """Evaluates a trained run on one split and writes ``WORKDIR/eval_<split>.json``.
 
     python -m vae_jax.evaluate --workdir=runs/ptb_cyclical [--split test]
-        [--checkpoint best|last|STEP] [--num_importance_samples 500]
+        [--checkpoint auto|best|last|STEP] [--num_importance_samples 500]
 
 Loads ``WORKDIR/config.json`` and a checkpoint (`checkpoints.restore_params`), reads the split
 with `input_pipeline.get_data` and reports, per sentence unless said otherwise (definitions in
@@ -12,6 +12,15 @@ with `input_pipeline.get_data` and reports, per sentence unless said otherwise (
 - MI, mini-batch (ceiling Σ_b B_b ln B_b / N) and whole-split (ceiling ln N) estimators;
 - AU, and DG-VAE's posterior-hole metrics KL(p ‖ q_agg) and CU@τ.
 
+Every figure uses the posterior the model is trained at (`vae_jax.forward`). An SA-VAE is scored
+at its SVI-refined λ_K, as Kim et al. (2018) and Fu et al. (2019) report it: the ELBO at λ_K,
+IW-NLL with q(z|x; λ_K) as the proposal, MI, AU and holes of the λ_K posteriors; the refinement
+runs under the evaluation key at β = 1, so the ELBO figures are training's logged ones. The
+same metrics at the encoder's amortized λ₀ follow as ``amortized_*`` (the gap is what the
+refinement buys); ``posterior`` and ``amortized_posterior`` in the JSON say which is which.
+``elbo_mc_stderr`` is the Monte Carlo standard error of the one-sample ELBO (from the spread
+of the importance log-weights, whose KL is sampled: an upper estimate).
+
 IW-NLL dominates the time: on PTB's test split (3,761 sentences, 10k words) each of the K
 samples needs the full softmax at every token. ``--num_importance_samples 50`` is a quick run.
 """
@@ -21,6 +30,7 @@ from vae_jax import host
 if __name__ == "__main__":
     host.tune_cpu_host("vae_jax.evaluate")  # before jax loads: see vae_jax.host
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -30,9 +40,10 @@ from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from vae_jax import cli, input_pipeline, metrics, models, runs  # noqa: E402
+from vae_jax import cli, input_pipeline, metrics, models, runs, savae  # noqa: E402
 
 
 def _log(message: str) -> None:
@@ -54,20 +65,22 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Every metric of one split (see the module docstring); per sentence unless named so.
 
-    ``elbo_key`` is the key training evaluates with (`runs.eval_key`), so the ELBO
-    figures repeat the logged ones; IW samples, MI's z and the prior samples of the hole
-    metrics come from ``key`` (folded with 0, 1, 2).
+    Every figure uses the posterior ``model`` is trained at (`vae_jax.forward`): for an
+    SA-VAE the refined λ_K (its SVI run under ``elbo_key`` at β = 1, no dropout), which is
+    then also the IW-NLL's proposal and the posterior of MI, AU and the hole metrics.
+    ``elbo_key`` is the key training evaluates with (`runs.eval_key`), so the ELBO figures
+    repeat the logged ones; IW samples, MI's z and the prior samples of the hole metrics come
+    from ``key`` (folded with 0, 1, 2).
     """
     params = jax.device_put(params)
     seconds = {}
     start = time.perf_counter()
-    results: dict[str, Any] = dict(metrics.elbo_figures(model, params, batches, elbo_key))
-    results["neg_elbo"] = -results["elbo"]
+    figures, mu, logvar, real = metrics.elbo_and_posteriors(model, params, batches, elbo_key)
+    results: dict[str, Any] = {**figures, "neg_elbo": -figures["elbo"]}
     seconds["elbo"] = time.perf_counter() - start
 
     # The cheap metrics first: a problem shows before the long IW-NLL run.
     start = time.perf_counter()
-    mu, logvar, real = metrics.posteriors(model, params, batches)
     mi_key = jax.random.fold_in(key, 1)
     results.update(metrics.mutual_info_minibatch(mu, logvar, real, mi_key))
     results.update(metrics.mutual_info(mu[real], logvar[real], mi_key))
@@ -98,9 +111,13 @@ def evaluate_split(
         num_importance_samples,
         max_rows,
         progress,
+        proposal=(mu[real], logvar[real]),
     )
     nll = metrics.iw_nll_from_log_weights(log_w)
     seconds["iw_nll"] = time.perf_counter() - start
+    # Each log w is a one-sample ELBO estimate (its KL sampled); their spread bounds the Monte
+    # Carlo error of the split's one-sample ELBO, whose KL is analytic.
+    spread = np.var(np.asarray(log_w, np.float64), axis=1, ddof=1) if log_w.shape[1] > 1 else 0
     results.update(
         sentences=len(nll),
         predicted_tokens=int(tokens.sum()),
@@ -108,47 +125,62 @@ def evaluate_split(
         iw_ppl=math.exp(float(nll.sum()) / float(tokens.sum())),
         num_importance_samples=num_importance_samples,
         iw_sentences_per_second=len(nll) / seconds["iw_nll"],
+        elbo_mc_stderr=float(np.sqrt(np.sum(spread)) / len(nll)),
     )
     results["seconds"] = seconds
     return results
 
 
+def _column(r: dict[str, Any], p: str) -> list[str]:
+    """The table's values of the figures named ``p + key`` (``p`` = "" or "amortized_")."""
+    cu = "/".join(str(r[k]) for k in r if k.startswith(f"{p}cu@"))
+    d = r[f"{p}latent_dim"]
+    return [
+        f"{r[p + 'rec']:.3f}",
+        f"{r[p + 'kl']:.3f}",
+        f"{r[p + 'neg_elbo']:.3f}",
+        f"{r[p + 'ppl_bound']:.2f}",
+        f"{r[p + 'iw_nll']:.3f}",
+        f"{r[p + 'iw_ppl']:.2f}",
+        f"{r[p + 'mi_batch']:.3f} ± {r[p + 'mi_batch_stderr']:.3f}",
+        f"{r[p + 'mi']:.3f} ± {r[p + 'mi_stderr']:.3f}",
+        f"{r[p + 'au']} / {d}",
+        f"{r[p + 'kl_prior_agg']:.3f} ± {r[p + 'kl_prior_agg_stderr']:.3f}",
+        f"{cu} / {d}",
+    ]
+
+
 def format_table(r: dict[str, Any]) -> str:
-    """The results as a Markdown table, each figure with its definition."""
-    d = r["latent_dim"]
-    cu = "/".join(str(r[k]) for k in r if k.startswith("cu@"))
+    """The results as a Markdown table, each figure with its definition; an SA-VAE's with a
+    column at its refined λ_K and one at the encoder's amortized λ₀."""
     taus = "/".join(k[3:] for k in r if k.startswith("cu@"))
-    rows = [
-        ("Rec", f"{r['rec']:.3f}", "−log p(x|z), one z ~ q(z|x)"),
-        ("KL", f"{r['kl']:.3f}", "KL(q(z|x) ‖ p(z))"),
-        ("−ELBO", f"{r['neg_elbo']:.3f}", "Rec + KL"),
-        ("PPL bound", f"{r['ppl_bound']:.2f}", "exp((ΣRec + ΣKL) / #predicted tokens)"),
-        (
-            f"IW-NLL (K={r['num_importance_samples']})",
-            f"{r['iw_nll']:.3f}",
-            "−log (1/K) Σ_k p(x, z_k) / q(z_k|x)",
-        ),
-        ("IW-PPL", f"{r['iw_ppl']:.2f}", "exp(Σ IW-NLL / #predicted tokens)"),
+    names = [
+        ("Rec", "−log p(x|z), one z ~ q(z|x)"),
+        ("KL", "KL(q(z|x) ‖ p(z))"),
+        ("−ELBO", "Rec + KL"),
+        ("PPL bound", "exp((ΣRec + ΣKL) / #predicted tokens)"),
+        (f"IW-NLL (K={r['num_importance_samples']})", "−log (1/K) Σ_k p(x, z_k) / q(z_k|x)"),
+        ("IW-PPL", "exp(Σ IW-NLL / #predicted tokens)"),
         (
             f"MI, mini-batch (B ≤ {r['mi_batch_size']})",
-            f"{r['mi_batch']:.3f} ± {r['mi_batch_stderr']:.3f}",
             f"He et al. 2019; ceiling Σ B ln B / N = {r['mi_batch_ceiling']:.3f}",
         ),
-        (
-            "MI, whole split",
-            f"{r['mi']:.3f} ± {r['mi_stderr']:.3f}",
-            f"Li et al. 2019; ceiling ln N = {r['mi_ceiling']:.3f}",
-        ),
-        ("AU", f"{r['au']} / {d}", f"Var_x E_q[z_d] > {r['au_threshold']:g} (N − 1)"),
-        (
-            "KL(p ‖ q_agg)",
-            f"{r['kl_prior_agg']:.3f} ± {r['kl_prior_agg_stderr']:.3f}",
-            f"DG-VAE holes, {r['num_prior_samples']} prior samples",
-        ),
-        (f"CU@{taus}", f"{cu} / {d}", "#dims with KL(p_d ‖ q_agg,d) < τ"),
+        ("MI, whole split", f"Li et al. 2019; ceiling ln N = {r['mi_ceiling']:.3f}"),
+        ("AU", f"Var_x E_q[z_d] > {r['au_threshold']:g} (N − 1)"),
+        ("KL(p ‖ q_agg)", f"DG-VAE holes, {r['num_prior_samples']} prior samples"),
+        (f"CU@{taus}", "#dims with KL(p_d ‖ q_agg,d) < τ"),
     ]
-    lines = ["| metric | value | definition |", "|---|---:|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    columns = [_column(r, "")]
+    if "amortized_rec" in r:
+        columns.append(_column(r, "amortized_"))
+        lines = [
+            "| metric | at λ_K (refined) | at λ₀ (amortized) | definition |",
+            "|---|---:|---:|---|",
+        ]
+    else:
+        lines = ["| metric | value | definition |", "|---|---:|---|"]
+    for (name, definition), *values in zip(names, *columns, strict=True):
+        lines.append(f"| {name} | {' | '.join(values)} | {definition} |")
     return "\n".join(lines)
 
 
@@ -156,7 +188,12 @@ def define_flags(fv: flags.FlagValues) -> None:
     """This command's flags, on ``fv``."""
     flags.DEFINE_string("workdir", None, "A run's directory (config.json).", flag_values=fv)
     flags.DEFINE_string("split", "", "Default: test if present, else the first.", flag_values=fv)
-    flags.DEFINE_string("checkpoint", "best", "best, last or a step number.", flag_values=fv)
+    flags.DEFINE_string(
+        "checkpoint",
+        "auto",
+        "auto (best if saved, else last), best, last or a step.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "num_importance_samples", 500, "K of IW-NLL.", lower_bound=1, flag_values=fv
     )
@@ -179,11 +216,11 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     """Evaluates as the parsed flags ``fv`` say; returns the results it writes."""
     config, data, model, params, info = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir)
     split = runs.choose_split(data, fv.split)
-    _log(f"Evaluating {fv.workdir} (checkpoint {fv.checkpoint}: {info}) on {split}.")
-    results = evaluate_split(
-        model,
-        params,
-        data.eval_splits[split],
+    _log(f"Evaluating {fv.workdir} (checkpoint {info['checkpoint']}: {info}) on {split}.")
+    evaluate = functools.partial(
+        evaluate_split,
+        params=params,
+        batches=data.eval_splits[split],
         elbo_key=runs.eval_key(config),
         key=jax.random.PRNGKey(fv.seed),
         num_importance_samples=fv.num_importance_samples,
@@ -191,16 +228,28 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         max_rows=fv.max_rows,
         verbose=True,
     )
+    results = evaluate(model)
+    if isinstance(model, savae.SAVAE):
+        results["posterior"] = (
+            f"svi_refined: λ_K after {model.svi_steps} SVI steps at β = 1 under the evaluation "
+            "key (training's evaluation key), no dropout"
+        )
+        _log("SA-VAE: the same metrics at the encoder's amortized posterior λ₀ (amortized_*).")
+        amortized = evaluate(savae.amortized(model))
+        results.update({f"amortized_{k}": v for k, v in amortized.items() if k != "seconds"})
+        results["amortized_posterior"] = "encoder: the amortized q(z|x) = λ₀"
+    else:
+        results["posterior"] = "encoder: the amortized q(z|x)"
     results = {
         "workdir": fv.workdir,
         "split": split,
-        "checkpoint": fv.checkpoint,
+        "checkpoint": info["checkpoint"],
         "checkpoint_info": info,
         "seed": fv.seed,
         **results,
     }
     print(
-        f"{fv.workdir} · {split} · checkpoint {fv.checkpoint} · {results['sentences']} "
+        f"{fv.workdir} · {split} · checkpoint {info['checkpoint']} · {results['sentences']} "
         f"sentences, {results['predicted_tokens']} predicted tokens; per sentence, in nats"
     )
     print(format_table(results))

@@ -22,6 +22,7 @@ if __name__ == "__main__":
     host.tune_cpu_host("vae_jax.generate")  # before jax loads: see vae_jax.host
 
 import functools  # noqa: E402
+import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -126,7 +127,12 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum(
         "mode", None, ["prior", "reconstruct", "interpolate"], "What to decode.", flag_values=fv
     )
-    flags.DEFINE_string("checkpoint", "best", "best, last or a step number.", flag_values=fv)
+    flags.DEFINE_string(
+        "checkpoint",
+        "auto",
+        "auto (best if saved, else last), best, last or a step.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "num", 5, "Prior samples / reconstructions.", lower_bound=1, flag_values=fv
     )
@@ -151,7 +157,11 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> list[str]:
     """Decodes as the parsed flags ``fv`` say; returns the printed lines."""
-    _, data, model, params, _ = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir)
+    _, data, model, params, info = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir)
+    print(
+        f"# {fv.workdir}, checkpoint {info['checkpoint']} (step {info.get('step')})",
+        file=sys.stderr,
+    )
     text = Text(data)
     key = jax.random.PRNGKey(fv.seed)
     lines = []

@@ -64,18 +64,55 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "objective"))
-def _elbo_sums(
+def _split_batch(
     params: Any,
     tokens: jnp.ndarray,
     key: jax.Array,
     *,
     model: models.VAE,
     objective: objectives.Objective,
-) -> dict:
+) -> tuple[dict, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(tokens.shape[0]))
-    return forward.apply(
+    _, sums, outputs = forward.apply(
         model, params, tokens, keys, beta=1.0, objective=objective, train=False
-    ).sums
+    )
+    return sums, outputs["mu"], outputs["logvar"], sequence_lengths(tokens) > 0
+
+
+def elbo_and_posteriors(
+    model: models.VAE,
+    params: Any,
+    batches: Batches,
+    key: jax.Array,
+    objective: objectives.Objective = objectives.beta_elbo,
+) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """ELBO figures and posteriors of a split, from one `forward.apply` pass per batch at the
+    posterior the model is trained at (an SA-VAE's refined λ_K, its SVI steps at β = 1).
+
+    Returns `summarize` of the split (no dropout, Rec from one z per sentence, KL analytic);
+    μ and log σ² of every row, (num_batches, B, D); and which rows are real, (num_batches, B).
+    Batches keep their shape (fixed-size batches, filler rows marked not real), which is what
+    the mini-batch MI needs; ``mu[real]`` are the split's N posteriors in order. The noise of
+    row n of batch i comes from ``fold_in(fold_in(key, i), n)``, as in training's evaluation
+    on one device: with the run's evaluation key (`runs.eval_key`) the figures are the logged
+    ones, and an SA-VAE's λ_K are those its logged figures were computed at.
+    """
+    if not batches:
+        raise ValueError("elbo_and_posteriors: no batches.")
+    total, out = None, []
+    for i, batch in enumerate(batches):
+        sums, *posterior = _split_batch(
+            params, batch["tokens"], jax.random.fold_in(key, i), model=model, objective=objective
+        )
+        total = add_sums(total, jax.device_get(sums))
+        out.append(jax.device_get(posterior))
+    if len({o[0].shape for o in out}) > 1:
+        raise ValueError(
+            "posteriors: batches of different sizes "
+            f"{sorted({o[0].shape[0] for o in out})}; evaluation batches have one fixed size."
+        )
+    mu, logvar, real = (np.stack(x) for x in zip(*out, strict=True))
+    return summarize(total), mu, logvar, real
 
 
 def elbo_figures(
@@ -85,19 +122,16 @@ def elbo_figures(
     key: jax.Array,
     objective: objectives.Objective = objectives.beta_elbo,
 ) -> dict:
-    """`summarize` of a split without dropout, Rec from one z per sentence, KL analytic, at
-    the posterior the model is trained at (`vae_jax.forward`: an SA-VAE's refined λ_K).
+    """The ELBO figures of `elbo_and_posteriors`."""
+    return elbo_and_posteriors(model, params, batches, key, objective)[0]
 
-    The noise of row n of batch i comes from ``fold_in(fold_in(key, i), n)``, as in training's
-    evaluation on one device: with the run's evaluation key the figures are the logged ones.
-    """
-    total = None
-    for i, batch in enumerate(batches):
-        sums = _elbo_sums(
-            params, batch["tokens"], jax.random.fold_in(key, i), model=model, objective=objective
-        )
-        total = add_sums(total, jax.device_get(sums))
-    return summarize(total)
+
+def posteriors(
+    model: models.VAE, params: Any, batches: Batches, key: jax.Array
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """μ, log σ² and the real-row mask of `elbo_and_posteriors` (``key``: an SA-VAE's
+    refinement noise; a plain VAE's posteriors do not depend on it)."""
+    return elbo_and_posteriors(model, params, batches, key)[1:]
 
 
 # --- Densities -------------------------------------------------------------------------------
@@ -155,32 +189,6 @@ def log_aggregate_posterior(
 
 
 # --- Posteriors of a split -------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames="model")
-def _encode(params: Any, tokens: jnp.ndarray, *, model: models.VAE):
-    mu, logvar = model.apply({"params": params}, tokens, method=models.VAE.encode)
-    return mu, logvar, sequence_lengths(tokens) > 0
-
-
-def posteriors(
-    model: models.VAE, params: Any, batches: Batches
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """μ and log σ² of every row, (num_batches, B, D), and which rows are real, (num_batches, B).
-
-    Batches keep their shape (fixed-size batches, filler rows marked not real), which is what
-    the mini-batch MI needs; ``mu[real]`` are the split's N posteriors in order.
-    """
-    out = [jax.device_get(_encode(params, b["tokens"], model=model)) for b in batches]
-    if not out:
-        raise ValueError("posteriors: no batches to encode.")
-    if len({o[0].shape for o in out}) > 1:
-        raise ValueError(
-            "posteriors: batches of different sizes "
-            f"{sorted({o[0].shape[0] for o in out})}; evaluation batches have one fixed size."
-        )
-    mu, logvar, real = (np.stack(x) for x in zip(*out, strict=True))
-    return mu, logvar, real
 
 
 def _posterior_samples(mu: np.ndarray, logvar: np.ndarray, key: jax.Array) -> np.ndarray:
@@ -352,15 +360,20 @@ def _iw_chunk(
     params: Any,
     tokens: jnp.ndarray,
     keys: jnp.ndarray,
+    proposal: tuple[jnp.ndarray, jnp.ndarray] | None,
     *,
     model: models.VAE,
     num_samples: int,
     samples_per_pass: int,
 ) -> jnp.ndarray:
     """(S, num_samples) log weights of the rows of ``tokens``; row n's sample s draws its ε
-    from ``fold_in(keys[n], s)``, whatever the chunking of rows and samples."""
+    from ``fold_in(keys[n], s)``, whatever the chunking of rows and samples. The proposal is
+    ``proposal`` = (μ, log σ²) of the rows where given, else the encoder's q(z|x)."""
     variables = {"params": params}
-    mu, logvar = model.apply(variables, tokens, method=models.VAE.encode)
+    if proposal is None:
+        mu, logvar = model.apply(variables, tokens, method=models.VAE.encode)
+    else:
+        mu, logvar = proposal
 
     def log_likelihood(z):
         return model.apply(variables, tokens, z, method=models.VAE.log_likelihood)
@@ -411,8 +424,12 @@ def iw_log_weights(
     num_samples: int = 500,
     max_rows: int = 512,
     progress: Callable[[int, int], None] | None = None,
+    proposal: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Log importance weights (N, K) and predicted-token counts (N,) of a split's sentences.
+
+    The proposal is q(z|x) = N(μ, σ²) of ``proposal`` = (μ, log σ²), each (N, D) in split
+    order (an SA-VAE's refined λ_K, `elbo_and_posteriors`' ``mu[real]``), else the encoder's.
 
     Sentence n (split order) draws its K samples from ``fold_in(key, n)``. Sentences are sorted
     by length into chunks of S rows, S·k ≤ ``max_rows`` decoder rows at once (`iw_plan`):
@@ -431,6 +448,13 @@ def iw_log_weights(
     # as the decoder loop stops at each chunk's longest sentence.
     width = int(lengths.max())
     keys = np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(rows))))
+    if proposal is not None:
+        proposal = tuple(np.asarray(x, np.float32) for x in proposal)
+        if any(x.shape[0] != len(rows) for x in proposal):
+            raise ValueError(
+                f"iw_log_weights: proposal has {[x.shape for x in proposal]} rows, the split "
+                f"{len(rows)} sentences."
+            )
     order = np.argsort(lengths, kind="stable")
     chunks = [order[lo : lo + chunk] for lo in range(0, len(order), chunk)]
 
@@ -451,8 +475,11 @@ def iw_log_weights(
         tokens = np.zeros((chunk, width), np.int32)  # zero rows are filler
         for slot, i in enumerate(index):
             tokens[slot, : lengths[i]] = rows[i]
-        chunk_keys = keys[np.resize(index, chunk)]  # filler rows reuse real keys; discarded
-        in_flight.append((index, _iw_chunk(params, tokens, chunk_keys, **kwargs)))
+        rows_in = np.resize(index, chunk)  # filler rows reuse real rows' keys; discarded
+        chunk_proposal = None if proposal is None else tuple(x[rows_in] for x in proposal)
+        in_flight.append(
+            (index, _iw_chunk(params, tokens, keys[rows_in], chunk_proposal, **kwargs))
+        )
         # Dispatch is asynchronous: the next chunk is queued before the oldest is waited for.
         if len(in_flight) > 2:
             collect()

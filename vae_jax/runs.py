@@ -140,18 +140,30 @@ def check_params(model: models.VAE, params: Any, where: str) -> None:
         )
 
 
+def resolve_checkpoint(workdir: str, checkpoint: str) -> str:
+    """``auto`` → ``best`` where the run has saved one (it evaluates a ``valid`` split), else
+    ``last`` (every synthetic run); any other name is returned as it is."""
+    if checkpoint != "auto":
+        return checkpoint
+    has_best = os.path.exists(os.path.join(workdir, BEST, checkpoints.PARAMS))
+    return "best" if has_best else "last"
+
+
 def load_run(
-    workdir: str, checkpoint: str = "best", data_dir: str | None = None
+    workdir: str, checkpoint: str = "auto", data_dir: str | None = None
 ) -> tuple[ml_collections.ConfigDict, input_pipeline.Data, models.VAE, Any, dict]:
     """Config, data, model, parameters and checkpoint info of a run's workdir.
 
-    ``checkpoint``: ``best`` (lowest valid PPL bound), ``last`` or a step number.
+    ``checkpoint``: ``best`` (lowest valid PPL bound), ``last``, a step number, or ``auto``
+    (`resolve_checkpoint`); the info's ``checkpoint`` says which was loaded.
     ``data_dir`` overrides ``config.data.data_dir`` (corpora moved since training).
     """
     config = load_config(workdir)
     if data_dir:
         config.data.data_dir = data_dir
+    checkpoint = resolve_checkpoint(workdir, checkpoint)
     params, info = checkpoints.restore_params(workdir, checkpoint)
+    info = {"checkpoint": checkpoint, **info}
     data = input_pipeline.get_data(config)
     model = make_model(config, data.vocab_size)
     check_params(model, params, f"{workdir} checkpoint {checkpoint!r}")

@@ -96,6 +96,12 @@ def svi_defaults(svi_steps: int = 0) -> dict:
     return {**defaults, "svi_steps": svi_steps}
 
 
+def amortized(model: SAVAE) -> models.VAE:
+    """The same network without refinement: its posterior is the encoder's λ₀ (same params)."""
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(models.VAE)}
+    return models.VAE(**{k: v for k, v in fields.items() if k not in ("parent", "name")})
+
+
 def split_keys(keys: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(z keys, dropout keys), one each per example, split as ``VAE.__call__`` splits them."""
     z_keys, dropout_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
