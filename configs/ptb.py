@@ -61,8 +61,15 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     # Checkpoints also at every epoch end and at the end; the last few are kept.
     config.checkpoint_every_steps = 1_000
     config.checkpoints_to_keep = 3
+    # Every checkpoint at a multiple of this many steps is kept too (0: none), so the last one
+    # written before a divergence is not rotated out by the diverged ones after it.
+    config.checkpoint_keep_period = 20_000
     # Consecutive steps with a non-finite loss or gradient (skipped) before giving up.
     config.max_nonfinite_steps = 10
+    # Loss-spike guard (off at factor 0): a step whose loss exceeds factor x the median of the
+    # last `window` applied steps' losses is not applied; action "skip" goes on (and stops
+    # after max_nonfinite_steps such steps in a row), "stop" ends the run at once.
+    config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "ptb"

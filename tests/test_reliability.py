@@ -182,7 +182,10 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     # β(t) = t/10 > 0.45 from step index 5 (the 6th step); 10 skipped steps end the run.
     message = str(err.value)
     assert "10 consecutive steps" in message and "at step 15" in message
-    assert "beta=1" in message and "lr=0.001" in message and "checkpoint is step 10" in message
+    assert "beta=1" in message and "lr=0.001" in message
+    # Step 10 was saved inside the run of skipped steps (its parameters are step 5's, but a
+    # diverged run saves the diverged ones there): the last good one is step 5.
+    assert "being skipped, is step 5 in" in message
     params5, _ = checkpoints.restore_params(str(tmp_path), "5")
     params10, meta = checkpoints.restore_params(str(tmp_path), "last")
     assert meta["step"] == 10
@@ -222,6 +225,13 @@ def test_isolated_nonfinite_steps_are_skipped_and_training_goes_on(tmp_path, mon
         ("data.eval_splits", ("valid", "dev"), r"config.data.eval_splits='dev'"),
         ("data.bucket_lengths", (16, 8), r"config.data.bucket_lengths"),
         ("data.name", "wiki", r"config.data.name='wiki'"),
+        ("lr_schedule.init_value", -1e-3, r"config.lr_schedule: init_value=-0.001: must be"),
+        ("lr_schedule.init_value", float("nan"), r"config.lr_schedule.init_value=nan: must be"),
+        ("beta_schedule.start", -0.5, r"config.beta_schedule.start=-0.5: must be a finite KL"),
+        ("loss_spike.factor", 0.5, r"config.loss_spike.factor=0.5: must be 0 \(off\) or"),
+        ("loss_spike.action", "ignore", r"config.loss_spike.action='ignore'"),
+        ("loss_spike.window", 0, r"config.loss_spike.window=0: must be a positive integer"),
+        ("checkpoint_keep_period", -1, r"config.checkpoint_keep_period=-1"),
     ],
 )
 def test_bad_values_are_named_before_anything_runs(field, value, message, tmp_path):
@@ -261,3 +271,102 @@ def test_unknown_keys_fail_on_the_command_line(tmp_path):
     )  # fmt: skip
     assert out.returncode != 0 and "modle" in out.stderr
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def healthy_then(tmp_path, lr, **loss_spike):
+    """20 healthy steps (checkpoints every 2, the last 3 kept plus every 10th), then the same
+    run continued to step 40 at learning rate ``lr``; returns (config, error or None)."""
+    config = tiny_synthetic_config("cyclical", steps=20)
+    config.update(checkpoint_every_steps=2, checkpoints_to_keep=3, checkpoint_keep_period=10)
+    config.loss_spike.window = 10
+    train.train_and_evaluate(config, str(tmp_path))
+    config.num_train_steps = 40
+    config.lr_schedule.value = lr
+    config.loss_spike.update(loss_spike)
+    try:
+        train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+    except (train.NonFiniteError, train.LossSpikeError) as e:
+        return config, e
+    return config, None
+
+
+def test_divergence_keeps_the_checkpoint_before_it_and_ends_with_an_inf_bound(tmp_path):
+    # lr = 10: step 21 blows the parameters up; later steps are NaN (skipped) or finite with a
+    # diverged model. Before: the healthy checkpoints were rotated out, and the final
+    # evaluation died of an OverflowError in math.exp.
+    _, error = healthy_then(tmp_path, lr=10.0)
+    assert error is None
+    checkpointer = checkpoints.Checkpointer(str(tmp_path), read_only=True)
+    steps = checkpointer.steps()
+    assert 20 in steps and 10 in steps and steps[-1] == 40  # kept by the keep period
+    good = {s: checkpointer.meta(s)["good"] for s in steps}
+    assert good[10] and good[20] and not any(good[s] for s in steps if s > 20), good
+    assert checkpointer.last_good_step() == 20
+    params20, _ = checkpoints.restore_params(str(tmp_path), "20")
+    assert max(float(np.abs(x).max()) for x in jax.tree.leaves(params20)) < 1.0
+    final = [r for r in writers.read_metrics(str(tmp_path)) if "eval_ppl_bound" in r][-1]
+    assert final["step"] == 40 and final["eval_ppl_bound"] == float("inf")
+
+
+def test_a_nan_streak_names_the_last_good_checkpoint(tmp_path):
+    _, error = healthy_then(tmp_path, lr=1e6)  # NaN from step 22 on
+    assert isinstance(error, train.NonFiniteError)
+    assert "saved while no step was being skipped, is step 20 in" in str(error)
+
+
+def test_loss_spike_guard_stop(tmp_path):
+    # lr = 1: the loss of step 22 is 2.5 times the median of the healthy steps before it.
+    _, error = healthy_then(tmp_path, lr=1.0, factor=1.5, action="stop")
+    assert isinstance(error, train.LossSpikeError), error
+    message = str(error)
+    assert "Loss spike at step 22" in message and "(1 such steps in a row" in message
+    assert "config.loss_spike.factor=1.5" in message and "is step 20 in" in message
+
+
+def test_loss_spike_guard_skip(tmp_path):
+    # The same spike, skipped: training goes on to the end, the skipped steps counted.
+    _, error = healthy_then(tmp_path, lr=1.0, factor=1.5, action="skip")
+    assert error is None
+    records = [r for r in writers.read_metrics(str(tmp_path)) if "spike_steps" in r]
+    assert sum(r["spike_steps"] for r in records) >= 1 and records[-1]["step"] == 40
+
+
+def test_spike_guard_off_is_the_plain_step(tmp_path):
+    # With factor 0 a spike never skips a step: the same run as without the guard's fields.
+    _, error = healthy_then(tmp_path, lr=1.0)
+    assert error is None
+    records = [r for r in writers.read_metrics(str(tmp_path)) if "spike_steps" in r]
+    assert sum(r["spike_steps"] for r in records) == 0 and records[-1]["step"] == 40
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("lr_schedule", -1e-3, r"config.lr_schedule.value=-0.001: must be a finite learning rate"),
+        ("lr_schedule", 0.0, r"config.lr_schedule.value=0.0: must be a finite learning rate > 0"),
+        ("beta_schedule", -1.0, r"config.beta_schedule.value=-1.0: must be a finite KL weight"),
+    ],
+)
+def test_constant_schedules_refuse_values_that_turn_training_around(field, value, message):
+    config = tiny_synthetic_config("constant")
+    config[field].value = value
+    with pytest.raises(ValueError, match=message):
+        config_checks.check_config(config, num_devices=1)
+
+
+def test_overflowing_bound_is_inf():
+    from vae_jax import metrics
+
+    figures = metrics.summarize({"rec": 1e6, "kl": 1.0, "tokens": 10.0, "sequences": 1.0})
+    assert figures["ppl_bound"] == float("inf") and figures["rec"] == 1e6
+
+
+def test_warmup_longer_than_the_run_warns(tmp_path, caplog):
+    config = tiny_synthetic_config("monotonic", steps=20)
+    config.beta_schedule.warmup_steps = 50
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "warmup_steps (50 steps) is longer than the run (20 steps)" in caplog.text

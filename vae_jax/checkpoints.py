@@ -4,8 +4,11 @@
   `CheckpointManager` (asynchronous; a checkpoint appears under its final name only once it is
   complete, so a kill mid-save leaves the previous ones usable). Each holds the whole
   unreplicated `TrainState` (parameters, optimizer state, step, PRNG key, guard counters) and a
-  JSON ``meta`` item (epoch, position in the epoch, data seed, …). The last
-  ``keep`` are kept.
+  JSON ``meta`` item (epoch, position in the epoch, data seed, whether the state was
+  ``good``: finite parameters, saved outside a run of skipped steps, …). Kept (orbax's
+  preservation policies): the last ``keep``, every ``keep_period``-th step (so the last
+  checkpoint written before a divergence outlives the rotation), and the one with the best
+  (lowest) validation metric passed with its save.
 - ``workdir/best/``: the parameters of the best evaluation so far (``save``/``load``): msgpack
   plus ``info.json``, each written to a temporary file then renamed into place.
 """
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -20,8 +24,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import serialization
+from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINTS = "checkpoints"
+BEST_METRIC = "valid_ppl_bound"
 
 PARAMS, INFO = "params.msgpack", "info.json"
 
@@ -92,11 +98,25 @@ def restore_params(workdir: str, which: str = "best") -> tuple[Any, dict]:
 class Checkpointer:
     """Periodic checkpoints of one workdir (see the module docstring)."""
 
-    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+    def __init__(self, workdir: str, keep: int = 3, read_only: bool = False, keep_period: int = 0):
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only
-        )
+        if read_only:
+            options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+        else:
+            policies = [checkpoint_managers.LatestN(keep)]
+            if keep_period > 0:
+                policies.append(checkpoint_managers.EveryNSteps(keep_period))
+            policies.append(  # lowest validation metric; checkpoints without one: the others
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda m: m[BEST_METRIC],
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies)
+            )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def steps(self) -> list[int]:
@@ -105,14 +125,37 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
-        """Starts writing ``state`` (an unreplicated pytree) and ``meta``; returns at once."""
+    def save(
+        self, step: int, state: Any, meta: Mapping[str, Any], valid_metric: float | None = None
+    ) -> None:
+        """Starts writing ``state`` (an unreplicated pytree) and ``meta``; returns at once.
+
+        ``valid_metric`` (lower is better; a finite one only) ranks it for the best-kept one.
+        """
         if step in self._manager.all_steps():
             return  # already saved (e.g. the end of an epoch that is also a periodic step)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
         )
-        self._manager.save(step, args=args, force=True)
+        metrics = None
+        if valid_metric is not None and math.isfinite(valid_metric):
+            metrics = {BEST_METRIC: float(valid_metric)}
+        self._manager.save(step, args=args, metrics=metrics, force=True)
+
+    def meta(self, step: int) -> dict:
+        """The ``meta`` item saved with ``step``."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored.meta)
+
+    def last_good_step(self, before: int | None = None) -> int | None:
+        """The latest step (below ``before``, if given) whose meta says its state was good:
+        finite parameters, saved while no step was being skipped. None if there is none."""
+        for step in reversed(self.steps()):
+            if before is not None and step >= before:
+                continue
+            if self.meta(step).get("good", False):
+                return step
+        return None
 
     def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
         """The state saved at ``step``, shaped like ``target`` (else as nested dicts)."""

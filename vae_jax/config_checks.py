@@ -6,11 +6,14 @@ the value and what is allowed.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from vae_jax import input_pipeline, objectives, schedules
 from vae_jax.datasets import text
 
+_SCHEDULE_VALUES = ("value", "init_value", "start", "stop")
 _MODEL_SIZES = ("enc_emb_dim", "enc_hidden_dim", "dec_emb_dim", "dec_hidden_dim", "latent_dim")
 
 
@@ -42,6 +45,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for field in ("checkpoint_every_steps", "checkpoints_to_keep", "max_nonfinite_steps"):
         if field in config:
             _positive_int(config, field)
+    period = config.checkpoint_keep_period
+    if isinstance(period, bool) or not isinstance(period, int) or period < 0:
+        _fail("checkpoint_keep_period", period, "must be an integer >= 0 (0: none kept)")
+    spike = config.loss_spike
+    if not (math.isfinite(spike.factor) and (spike.factor == 0 or spike.factor > 1)):
+        _fail("loss_spike.factor", spike.factor, "must be 0 (off) or a finite number > 1")
+    _positive_int(config, "loss_spike.window")
+    if spike.action not in ("skip", "stop"):
+        _fail("loss_spike.action", spike.action, "must be 'skip' or 'stop'")
 
     for field in _MODEL_SIZES:
         _positive_int(config, f"model.{field}")
@@ -66,6 +78,20 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
             schedules.make_schedule(fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"config.{field}: {e}") from None
+    # Values the factories accept but that turn training around: lr < 0 ascends the loss,
+    # β < 0 maximises the KL; NaN makes every step non-finite.
+    for field, at_least, allowed in (
+        ("lr_schedule", 0.0, "a finite learning rate > 0"),
+        ("beta_schedule", None, "a finite KL weight >= 0"),
+    ):
+        for name in _SCHEDULE_VALUES:
+            if name in config[field]:
+                value = config[field][name]
+                bad = not math.isfinite(value) or value < 0
+                if at_least is not None and name in ("value", "init_value"):
+                    bad = bad or value <= at_least
+                if bad:
+                    _fail(f"{field}.{name}", value, f"must be {allowed}")
 
     _check_data(config)
 

@@ -32,7 +32,6 @@ if __name__ == "__main__":
 
 import functools  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -122,7 +121,7 @@ def evaluate_split(
         sentences=len(nll),
         predicted_tokens=int(tokens.sum()),
         iw_nll=float(nll.mean()),
-        iw_ppl=math.exp(float(nll.sum()) / float(tokens.sum())),
+        iw_ppl=metrics.exp_or_inf(float(nll.sum()) / float(tokens.sum())),
         num_importance_samples=num_importance_samples,
         iw_sentences_per_second=len(nll) / seconds["iw_nll"],
         elbo_mc_stderr=float(np.sqrt(np.sum(spread)) / len(nll)),

@@ -36,6 +36,14 @@ def add_sums(a: Mapping[str, float] | None, b: Mapping[str, float]) -> dict[str,
     return {k: (0.0 if a is None else a[k]) + float(v) for k, v in b.items()}
 
 
+def exp_or_inf(x: float) -> float:
+    """exp(x), inf where it overflows (a diverged model), NaN for NaN."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
 def summarize(sums: Mapping[str, float]) -> dict[str, float]:
     """Per-sequence and per-token figures from summed statistics.
 
@@ -51,7 +59,7 @@ def summarize(sums: Mapping[str, float]) -> dict[str, float]:
         "rec": rec,
         "kl": kl,
         "elbo": -(rec + kl),
-        "ppl_bound": math.exp((rec + kl) * n / tokens) if tokens > 0 else float("nan"),
+        "ppl_bound": exp_or_inf((rec + kl) * n / tokens) if tokens > 0 else float("nan"),
     }
 
 

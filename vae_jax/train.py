@@ -49,11 +49,14 @@ AXIS = "devices"  # the pmap axis name, used nowhere else
 
 
 class TrainState(train_state.TrainState):
-    """Parameters, optimizer state, step, the run's base PRNG key, and the number of
-    consecutive steps skipped for a non-finite loss or gradient."""
+    """Parameters, optimizer state, step, the run's base PRNG key; the numbers of consecutive
+    steps skipped for a non-finite loss or gradient and for a loss spike; the losses of the
+    last applied steps (NaN where none yet), which the loss-spike guard compares against."""
 
     rng: jax.Array
     nonfinite_run: jax.Array
+    spike_run: jax.Array
+    loss_history: jax.Array
 
 
 Callback = Callable[[int, TrainState], None]
@@ -107,7 +110,13 @@ def create_train_state(
     params = model.init(init_rng, tokens, jax.random.split(init_rng, 1), train=False)["params"]
     tx = optax.chain(clip_by_global_norm(config.grad_clip_norm), optax.adam(lr_fn))
     return TrainState.create(
-        apply_fn=model.apply, params=params, tx=tx, rng=run_rng, nonfinite_run=jnp.int32(0)
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        rng=run_rng,
+        nonfinite_run=jnp.int32(0),
+        spike_run=jnp.int32(0),
+        loss_history=jnp.full((config.loss_spike.window,), jnp.nan, jnp.float32),
     )
 
 
@@ -125,6 +134,7 @@ def train_step(
     beta_fn: schedules.Schedule,
     lr_fn: schedules.Schedule,
     objective: Callable,
+    spike_factor: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on a device's shard; call through `jax.pmap` with `AXIS`.
 
@@ -133,6 +143,11 @@ def train_step(
     objective is divided by the *global* number of sequences and the gradients are summed
     over devices: that is the gradient of the global mean, also when shards hold different
     numbers of real (non-filler) rows, where averaging per-device means would not be.
+
+    Not applied (the step and the data move on, parameters and optimizer state stay): a step
+    whose loss or gradient is not finite, and, with ``spike_factor`` > 0 (the loss-spike
+    guard, ``config.loss_spike.factor``), a step whose loss exceeds ``spike_factor`` × the
+    median of the last applied steps' losses (once half of ``state.loss_history`` is filled).
     """
     tokens = batch["tokens"]
     beta = beta_fn(state.step)
@@ -150,9 +165,17 @@ def train_step(
         grads = jax.lax.psum(grads, AXIS)
     sums = jax.lax.psum(sums, AXIS)
     grad_norm = optax.tree.norm(grads)
-    # NaN guard: a non-finite loss or gradient on any device is never applied. The step (and
-    # with it the data position) moves on; parameters and optimizer state stay as they were.
-    finite = jnp.isfinite(jax.lax.psum(loss, AXIS)) & jnp.isfinite(grad_norm)
+    global_loss = jax.lax.psum(loss, AXIS)
+    # NaN guard: a non-finite loss or gradient on any device is never applied.
+    finite = jnp.isfinite(global_loss) & jnp.isfinite(grad_norm)
+    # Kept whether or not the guard is on, so that it can be switched on in a resumed run.
+    history = state.loss_history.at[state.step % state.loss_history.shape[0]].set(global_loss)
+    spike = jnp.bool_(False)
+    if spike_factor > 0:  # static
+        past = state.loss_history
+        filled = jnp.sum(jnp.isfinite(past))
+        median = jnp.nanmedian(jnp.where(filled > 0, past, 0.0))
+        spike = finite & (2 * filled >= past.shape[0]) & (global_loss > spike_factor * median)
 
     def apply_gradients() -> TrainState:
         updates, opt_state = state.tx.update(
@@ -160,20 +183,31 @@ def train_step(
         )
         params = optax.apply_updates(state.params, updates)
         return state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, nonfinite_run=jnp.int32(0)
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            nonfinite_run=jnp.int32(0),
+            spike_run=jnp.int32(0),
+            loss_history=history,
         )
 
-    new_state = jax.lax.cond(
-        finite,
-        apply_gradients,
-        lambda: state.replace(step=state.step + 1, nonfinite_run=state.nonfinite_run + 1),
-    )
+    def skip() -> TrainState:
+        return state.replace(
+            step=state.step + 1,
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+            spike_run=state.spike_run + spike.astype(jnp.int32),
+        )
+
+    new_state = jax.lax.cond(finite & ~spike, apply_gradients, skip)
     step_metrics = {
         "beta": beta,
         "lr": lr_fn(state.step),
         "grad_norm": grad_norm,
         "nonfinite": 1 - finite.astype(jnp.int32),
         "nonfinite_run": new_state.nonfinite_run,
+        "loss": global_loss,
+        "spike": spike.astype(jnp.int32),
+        "spike_run": new_state.spike_run,
     }
     return new_state, {**sums, **step_metrics}
 
@@ -202,6 +236,7 @@ def make_p_train_step(
     lr_fn: schedules.Schedule,
     objective: objectives.Objective,
     *,
+    spike_factor: float = 0.0,
     devices: Sequence[jax.Device] | None = None,
     donate: bool = True,
     compilations: collections.Counter | None = None,
@@ -209,7 +244,12 @@ def make_p_train_step(
     """`train_step` pmapped over ``devices`` (default: all local ones) along `AXIS`, the input
     state donated; ``compilations["train_step_compilations"]`` counts its traces."""
     step = functools.partial(
-        train_step, model=model, beta_fn=beta_fn, lr_fn=lr_fn, objective=objective
+        train_step,
+        model=model,
+        beta_fn=beta_fn,
+        lr_fn=lr_fn,
+        objective=objective,
+        spike_factor=spike_factor,
     )
     if compilations is not None:
         step = _counted(step, compilations, "train_step_compilations")
@@ -251,11 +291,11 @@ def shard(batch: input_pipeline.Batch, num_devices: int) -> input_pipeline.Batch
 
 
 def _train_record(step_metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Averages per-step figures over the steps since the last log line; skipped (non-finite)
-    steps are counted, not averaged."""
+    """Averages per-step figures over the steps since the last log line; skipped steps
+    (non-finite, loss spikes) are counted, not averaged."""
     per_step = []
     for m in step_metrics:
-        if m["nonfinite"]:
+        if m["nonfinite"] or m["spike"]:
             continue
         rec, kl = m["rec"] / m["sequences"], m["kl"] / m["sequences"]
         per_step.append(
@@ -272,6 +312,7 @@ def _train_record(step_metrics: list[dict[str, np.ndarray]]) -> dict[str, float]
     # The schedules' current values rather than their average over the interval.
     record.update(beta=float(step_metrics[-1]["beta"]), lr=float(step_metrics[-1]["lr"]))
     record["nonfinite_steps"] = float(sum(int(m["nonfinite"]) for m in step_metrics))
+    record["spike_steps"] = float(sum(int(m["spike"]) for m in step_metrics))
     return record
 
 
@@ -323,6 +364,10 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class LossSpikeError(RuntimeError):
+    """The loss-spike guard stopped the run (``config.loss_spike``)."""
+
+
 class _StopSignals:
     """Turns SIGTERM and SIGINT into a flag the loop checks between steps."""
 
@@ -368,11 +413,14 @@ def train_and_evaluate(
     num_steps = run_length(config, steps_per_epoch)
     eval_every = eval_interval(config, steps_per_epoch)
     beta_fn, lr_fn = make_schedules(config, steps_per_epoch)
+    _warn_unfinished_warmup(config, steps_per_epoch, num_steps)
     objective = objectives.OBJECTIVES[config.objective]
     model = runs.make_model(config, data.vocab_size)
 
     os.makedirs(workdir, exist_ok=True)
-    checkpointer = checkpoints.Checkpointer(workdir, keep=config.checkpoints_to_keep)
+    checkpointer = checkpoints.Checkpointer(
+        workdir, keep=config.checkpoints_to_keep, keep_period=config.checkpoint_keep_period
+    )
     first = next(data.train(0))
     state = create_train_state(
         config, model, lr_fn, jax.random.PRNGKey(config.seed), first["tokens"].shape[1]
@@ -390,12 +438,23 @@ def train_and_evaluate(
         epoch, position = divmod(step, steps_per_epoch) if steps_per_epoch else (None, step)
         return {"step": step, "epoch": epoch, "position": position, "data_seed": config.seed}
 
-    def save(step: int, replicated_state) -> None:
-        checkpointer.save(step, jax.device_get(jax_utils.unreplicate(replicated_state)), meta(step))
+    def save(step: int, replicated_state, valid_ppl: float | None = None) -> None:
+        host_state = jax.device_get(jax_utils.unreplicate(replicated_state))
+        params_finite = all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params))
+        skipping = int(host_state.nonfinite_run) > 0 or int(host_state.spike_run) > 0
+        info = {
+            **meta(step),
+            "params_finite": params_finite,
+            "good": params_finite and not skipping,
+        }
+        checkpointer.save(step, host_state, info, valid_metric=valid_ppl)
 
     state = replicate(state)
     traces = collections.Counter()  # pmap traces once per new batch shape, then compiles
-    p_train_step = make_p_train_step(model, beta_fn, lr_fn, objective, compilations=traces)
+    spike_factor = config.loss_spike.factor
+    p_train_step = make_p_train_step(
+        model, beta_fn, lr_fn, objective, spike_factor=spike_factor, compilations=traces
+    )
     p_eval_step = make_p_eval_step(model, objective, compilations=traces)
     eval_key = runs.eval_key(config)
 
@@ -431,13 +490,14 @@ def train_and_evaluate(
                     _check_nonfinite(pending[-1], step, config, checkpointer)
                     pending, tick = [], time.time()
                 epoch_end = bool(steps_per_epoch) and step % steps_per_epoch == 0
+                valid_ppl = None
                 if step % eval_every == 0 or step == num_steps:
-                    best = _evaluate_and_keep_best(
+                    best, valid_ppl = _evaluate_and_keep_best(
                         p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch,
                         writer, workdir, best,
                     )  # fmt: skip
                 if step % config.checkpoint_every_steps == 0 or epoch_end or step == num_steps:
-                    save(step, state)
+                    save(step, state, valid_ppl)
                 if stop.received:
                     save(step, state)
                     checkpointer.wait()
@@ -468,6 +528,20 @@ def train_and_evaluate(
     return jax_utils.unreplicate(state)
 
 
+def _warn_unfinished_warmup(config, steps_per_epoch: int | None, num_steps: int) -> None:
+    fields = schedules.in_steps(
+        config.beta_schedule.to_dict(), config.schedule_unit, steps_per_epoch
+    )
+    if fields["name"] == "monotonic" and fields.get("warmup_steps", 0) > num_steps:
+        logging.warning(
+            "config.beta_schedule.warmup_steps (%d steps) is longer than the run (%d steps): "
+            "beta never reaches its stop value %s.",
+            fields["warmup_steps"],
+            num_steps,
+            fields.get("stop", 1.0),
+        )
+
+
 def _counted(fn: Callable, counter: collections.Counter, name: str) -> Callable:
     """``fn``, counting its calls in ``counter[name]``: under `jax.pmap` a call of the Python
     function is a trace, and each trace (a new input shape) is followed by a compilation."""
@@ -481,21 +555,44 @@ def _counted(fn: Callable, counter: collections.Counter, name: str) -> Callable:
 
 
 def _check_nonfinite(step_metrics, step: int, config, checkpointer) -> None:
+    """Stops the run after ``max_nonfinite_steps`` skipped steps in a row (non-finite, or loss
+    spikes), or at the first spike under ``loss_spike.action = "stop"``."""
     run = int(step_metrics["nonfinite_run"][0])
     if run >= config.max_nonfinite_steps:
-        last = checkpointer.latest_step()
+        last = checkpointer.last_good_step()
         raise NonFiniteError(
             f"{run} consecutive steps with a non-finite loss or gradient, the last at step "
             f"{step} (beta={float(step_metrics['beta'][0]):.4g}, "
-            f"lr={float(step_metrics['lr'][0]):.4g}); none was applied. The last good "
-            f"checkpoint is step {last} in {checkpointer.directory} (kept)."
+            f"lr={float(step_metrics['lr'][0]):.4g}); none was applied. "
+            + _last_good(last, checkpointer)
         )
+    spikes = int(step_metrics["spike_run"][0])
+    stop = config.loss_spike.action == "stop" and int(step_metrics["spike"][0])
+    if stop or spikes >= config.max_nonfinite_steps:
+        # The spike shows the damage of the step before it: that state is suspect too.
+        last = checkpointer.last_good_step(before=step - 1)
+        raise LossSpikeError(
+            f"Loss spike at step {step}: loss {float(step_metrics['loss'][0]):.4g} > "
+            f"config.loss_spike.factor={config.loss_spike.factor:g} x the median of the last "
+            f"{config.loss_spike.window} applied steps ({spikes} such steps in a row, not "
+            "applied). " + _last_good(last, checkpointer)
+        )
+
+
+def _last_good(step: int | None, checkpointer) -> str:
+    if step is None:
+        return f"No checkpoint in {checkpointer.directory} is known to be good."
+    return (
+        f"The last checkpoint with finite parameters, saved while no step was being skipped, "
+        f"is step {step} in {checkpointer.directory} (kept)."
+    )
 
 
 def _evaluate_and_keep_best(
     p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch, writer, workdir, best
-) -> float:
-    """Evaluates every eval split, logs it, and saves the parameters if valid improved."""
+) -> tuple[float, float | None]:
+    """Evaluates every eval split, logs it, and saves the parameters if valid improved.
+    Returns the best valid PPL bound so far and this evaluation's (None without a valid split)."""
     epoch = {"epoch": step / steps_per_epoch} if steps_per_epoch else {}
     results = {}
     for split, split_batches in data.eval_splits.items():
@@ -508,13 +605,14 @@ def _evaluate_and_keep_best(
             "  ".join(f"{k}={v:.4g}" for k, v in results[split].items()),
         )
     writer.flush()
-    if "valid" in results and results["valid"]["ppl_bound"] < best:
-        best = results["valid"]["ppl_bound"]
+    valid = results.get("valid", {}).get("ppl_bound")
+    if valid is not None and valid < best:
+        best = valid
         params = jax.device_get(jax_utils.unreplicate(state.params))
         checkpoints.save(
             os.path.join(workdir, runs.BEST), params, {"step": step, **epoch, **results}
         )
-    return best
+    return best, valid
 
 
 def _prefetch(batches: Iterator, num_devices: int) -> Iterator:
