@@ -16,7 +16,7 @@ from conftest import REPO, run_python
 from conftest import tiny_synthetic_config as shared_tiny_config
 from test_input_pipeline import tiny_ptb_config
 
-from vae_jax import checkpoints, config_checks, objectives, train, writers
+from vae_jax import checkpoints, config_checks, objectives, runs, train, writers
 
 # A tiny synthetic run through the real command line: ~2 ms a step on CPU.
 TINY_FLAGS = [
@@ -370,3 +370,101 @@ def test_warmup_longer_than_the_run_warns(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         train.train_and_evaluate(config, str(tmp_path))
     assert "warmup_steps (50 steps) is longer than the run (20 steps)" in caplog.text
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def interrupted_at(workdir, config, stop_at):
+    def interrupt(step, state):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(train.TrainingInterrupted, match=f"step {stop_at}"):
+        train.train_and_evaluate(config, str(workdir), callbacks=[interrupt])
+
+
+def largest_file(directory):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_metadata"])
+def test_a_corrupt_checkpoint_is_never_trusted(tmp_path, damage, caplog):
+    """Before: 64 flipped bytes restored silently (then NaN); a truncated file or a missing
+    _METADATA gave raw TensorStore errors. Now the damaged checkpoint is moved aside with a
+    warning, the one before it is used, and the run still ends bit-identical."""
+    config = shared_tiny_config("constant", steps=30, checkpoint_every_steps=5)
+    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    workdir = tmp_path / "damaged"
+    interrupted_at(workdir, config, stop_at=20)
+    state_dir = workdir / "checkpoints" / "20" / "state"
+    if damage == "flip":
+        path = largest_file(state_dir)
+        data = bytearray(open(path, "rb").read())
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+        open(path, "wb").write(bytes(data))
+    elif damage == "truncate":
+        path = largest_file(state_dir)
+        os.truncate(path, os.path.getsize(path) // 2)
+    else:
+        os.remove(state_dir / "_METADATA")
+    with caplog.at_level("WARNING"):
+        resumed = train.train_and_evaluate(config, str(workdir))
+    assert "checkpoint 20 in" in caplog.text and "trying the one before" in caplog.text
+    assert any(name.startswith("20-") for name in os.listdir(workdir / "checkpoints_corrupt"))
+    assert_same_params(resumed.params, whole.params)
+    assert_same_params(resumed.opt_state, whole.opt_state)
+    assert logged_steps(str(workdir)) == logged_steps(str(tmp_path / "whole"))
+
+
+def test_evaluation_never_reads_a_corrupt_checkpoint(tmp_path):
+    config = shared_tiny_config("constant", steps=20, checkpoint_every_steps=5)
+    train.train_and_evaluate(config, str(tmp_path))
+    os.remove(tmp_path / "checkpoints" / "20" / "state" / "_METADATA")
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="checkpoint 20 in .* cannot be"):
+        checkpoints.restore_params(str(tmp_path), "20")
+    _, info = checkpoints.restore_params(str(tmp_path), "last")  # the latest whole one
+    assert info["step"] == 15
+
+
+def test_a_second_process_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    config = shared_tiny_config("constant", steps=10)
+    with runs.WorkdirLock(str(tmp_path)):  # another training process holds the workdir
+        with pytest.raises(runs.WorkdirLockedError, match=rf"in use by .*pid {os.getpid()} on"):
+            train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # A lock file left by a process that died (kill -9 leaves its content, not its flock).
+    (tmp_path / "lock").write_text("pid 999999 on host elsewhere\n")
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 10
+
+
+def test_a_second_training_process_is_refused_at_once(tmp_path):
+    workdir = tmp_path / "run"
+    first = Run(workdir)
+    wait_for_checkpoint(workdir, first)
+    second = run_python(["-m", "vae_jax.main", "--config=configs/synthetic.py:cyclical",
+                         f"--workdir={workdir}", *TINY_FLAGS], timeout=120)  # fmt: skip
+    first.proc.send_signal(signal.SIGTERM)
+    first.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"in use by another training process (pid {first.proc.pid} on host" in second.stderr
+
+
+def test_a_torn_last_metrics_record_is_dropped_on_resume(tmp_path, caplog):
+    config = shared_tiny_config("constant", steps=30, log_every=5)
+    interrupted_at(tmp_path, config, stop_at=22)
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 23, "rec": 3.1')  # the disk filled up mid-record
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "metrics.jsonl:" in caplog.text and "dropping an incomplete last record" in caplog.text
+    assert logged_steps(str(tmp_path)) == [5, 10, 15, 20, 25, 30]
+
+
+def test_a_damaged_metrics_record_before_others_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n{"step": 1\n{"step": 10}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        runs.truncate_metrics(str(tmp_path), 10)

@@ -9,24 +9,34 @@
   preservation policies): the last ``keep``, every ``keep_period``-th step (so the last
   checkpoint written before a divergence outlives the rotation), and the one with the best
   (lowest) validation metric passed with its save.
+  Integrity: the meta item holds the sha256 of the state (`state_digest`), taken before the
+  save; a restore recomputes it. A checkpoint that cannot be read or does not match (flipped
+  bytes, a truncated or missing file) raises `CorruptCheckpointError`; `restore_latest` then
+  moves it aside to ``workdir/checkpoints_corrupt/`` with a warning and uses the one before.
 - ``workdir/best/``: the parameters of the best evaluation so far (``save``/``load``): msgpack
   plus ``info.json``, each written to a temporary file then renamed into place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINTS = "checkpoints"
+CORRUPT = "checkpoints_corrupt"
 BEST_METRIC = "valid_ppl_bound"
 
 PARAMS, INFO = "params.msgpack", "info.json"
@@ -39,6 +49,29 @@ def _atomic_write(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+STATE_DIGEST = "state_sha256"
+
+
+def state_digest(tree: Any) -> str:
+    """sha256 over a pytree's leaves (path, dtype, shape and bytes, in path order): the same
+    for a state and for its restored copy, whether restored into a target or as dicts."""
+    h = hashlib.sha256()
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    keyed = sorted((jax.tree_util.keystr(p, simple=True, separator="/"), x) for p, x in leaves)
+    for key, x in keyed:
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.integer) or x.dtype == bool:
+            x = x.astype(np.int64)  # a restore target may widen an int (the step: int32→int64)
+        x = np.ascontiguousarray(x)
+        h.update(f"{key}:{x.dtype.str}:{x.shape};".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that cannot be read, or whose state does not match its recorded digest."""
 
 
 def save(directory: str, params: Any, info: Mapping[str, Any]) -> None:
@@ -82,7 +115,12 @@ def restore_params(workdir: str, which: str = "best") -> tuple[Any, dict]:
     if not steps:
         raise FileNotFoundError(f"{workdir}: no checkpoint under {manager.directory}")
     if which == "last":
-        step = steps[-1]
+        latest = manager.restore_latest()
+        manager.close()
+        if latest is None:
+            raise CorruptCheckpointError(f"{workdir}: none of the checkpoints {steps} is usable.")
+        step, state, meta = latest
+        return jax.device_get(state["params"]), {"step": step, **meta}
     else:
         try:
             step = int(which)
@@ -118,6 +156,28 @@ class Checkpointer:
                 preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies)
             )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._read_only = read_only
+
+    def quarantine(self, step: int) -> str:
+        """Moves checkpoint ``step`` out of the way (it would otherwise block a new save at
+        that step); returns where it went."""
+        target = os.path.join(os.path.dirname(self.directory), CORRUPT, f"{step}-{time.time():.0f}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
+        return target
+
+    def restore_latest(self, target: Any = None) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the latest checkpoint that restores and matches its digest;
+        the ones after it are moved aside (`quarantine`) with a warning. None if none is."""
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, target)
+                return step, state, meta
+            except CorruptCheckpointError as e:
+                moved = self.quarantine(step) if not self._read_only else "(left: read-only)"
+                logging.warning("%s; moved to %s, trying the one before.", e, moved)
+        return None
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -134,6 +194,8 @@ class Checkpointer:
         """
         if step in self._manager.all_steps():
             return  # already saved (e.g. the end of an epoch that is also a periodic step)
+        # The digest travels inside the checkpoint: a finished checkpoint always has it.
+        meta = {**meta, STATE_DIGEST: state_digest(state)}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
         )
@@ -158,15 +220,35 @@ class Checkpointer:
         return None
 
     def restore(self, step: int, target: Any = None) -> tuple[Any, dict]:
-        """The state saved at ``step``, shaped like ``target`` (else as nested dicts)."""
+        """The state saved at ``step``, shaped like ``target`` (else as nested dicts).
+
+        Raises `CorruptCheckpointError` naming the step if it cannot be read or its state does
+        not match the digest saved with it (flipped bytes, a truncated or missing file).
+        """
         abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return restored.state, dict(restored.meta)
+        where = f"checkpoint {step} in {self.directory}"
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001  (orbax / TensorStore / JSON errors alike)
+            message = str(e).splitlines()[0][:300] if str(e) else ""
+            raise CorruptCheckpointError(
+                f"{where} cannot be read ({type(e).__name__}: {message})"
+            ) from e
+        meta = dict(restored.meta)
+        want = meta.pop(STATE_DIGEST, None)
+        if want is None:
+            raise CorruptCheckpointError(f"{where} has no {STATE_DIGEST} in its meta")
+        have = state_digest(jax.device_get(restored.state))
+        if have != want:
+            raise CorruptCheckpointError(
+                f"{where} does not match its digest (sha256 {have[:12]}…, saved {want[:12]}…)"
+            )
+        return restored.state, meta
 
     def wait(self) -> None:
         """Blocks until the saves in flight are on disk."""

@@ -35,12 +35,49 @@ def parse(
     return fv
 
 
-def absl_main(run: Callable[[flags.FlagValues], Any]) -> Callable[[list[str]], None]:
-    """The ``main`` that ``app.run`` calls: ``run(flags.FLAGS)``, refusing positional args."""
+# What a user can fix (a config value, a path, a workdir in use or bound to other data): one
+# line and exit status 2, not a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def absl_main(
+    run: Callable[[flags.FlagValues], Any], prog: str, user_errors=USER_ERRORS
+) -> Callable[[list[str]], None]:
+    """The ``main`` that ``app.run`` calls: ``run(flags.FLAGS)``, refusing positional args.
+
+    An error a user can fix (``user_errors``) prints ``prog: error: <message>`` and exits
+    with status 2; ``--verbosity=1`` shows its traceback instead.
+    """
 
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-        run(flags.FLAGS)
+        try:
+            run(flags.FLAGS)
+        except user_errors as e:
+            if flags.FLAGS.verbosity >= 1:
+                raise
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            print(f"{prog}: (--verbosity=1 shows the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
 
     return main
+
+
+def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+    """``app.run``'s ``flags_parser``: a bad flag or ``--config.<field>`` (unknown, or a value
+    of the wrong type) prints one line naming it and exits with status 2."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            if isinstance(e, (AttributeError, KeyError)):  # ml_collections' unknown key
+                message = f"a --config.<field> override names no field of the config: {e}"
+            else:
+                message = str(e)
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            print(f"{prog}: see --helpfull for the flags", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return parse

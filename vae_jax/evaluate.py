@@ -267,4 +267,5 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    app.run(cli.absl_main(run))
+    prog = "python -m vae_jax.evaluate"
+    app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))

@@ -203,4 +203,5 @@ def main(argv: Sequence[str]) -> list[str]:
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
-    app.run(cli.absl_main(run))
+    prog = "python -m vae_jax.generate"
+    app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))

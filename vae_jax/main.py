@@ -13,7 +13,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vae_jax import train  # noqa: E402
+from vae_jax import cli, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
@@ -31,14 +31,11 @@ flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.info("Config:\n%s", FLAGS.config)
-    train.train_and_evaluate(
-        FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change
-    )
+def run(fv: flags.FlagValues) -> None:
+    logging.info("Config:\n%s", fv.config)
+    train.train_and_evaluate(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    prog = "python -m vae_jax.main"
+    app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))

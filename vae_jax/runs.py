@@ -12,8 +12,10 @@ a model, and `eval_key` the one key every evaluation of a run draws its noise fr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 from typing import Any
 
 import jax
@@ -95,15 +97,79 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def truncate_metrics(workdir: str, step: int) -> None:
-    """Drops the records after ``step`` from ``metrics.jsonl``: a resumed run writes them again."""
+    """Drops the records after ``step`` from ``metrics.jsonl``: a resumed run writes them again.
+
+    An incomplete last record (a crash or a full disk mid-write) is dropped with a warning; an
+    unreadable record before it is an error naming the file and line.
+    """
     path = os.path.join(workdir, METRICS)
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number < len(lines) and any(rest.strip() for rest in lines[number:]):
+                raise ValueError(
+                    f"{path}:{number}: not a JSON record ({e.msg}); records follow it, so this "
+                    "is not a torn last line. Repair or remove the file to resume."
+                ) from None
+            logging.warning("%s:%d: dropping an incomplete last record %.60r", path, number, line)
+            continue
+        if record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
+        f.writelines(kept)
     os.replace(path + ".tmp", path)
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live process trains in this workdir."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for one training process (``WORKDIR/lock``).
+
+    ``flock`` on the file: the kernel releases it when the holder exits in any way (kill -9
+    included), so a lock left by a dead process is simply taken over; the file's content (pid,
+    host) names a live holder in the error.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "lock")
+        self._file = None
+
+    def __enter__(self) -> WorkdirLock:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # held until __exit__
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise WorkdirLockedError(
+                f"{os.path.dirname(self.path)} is in use by another training process ({holder}); "
+                "wait for it to finish, or use another --workdir."
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.truncate(0)
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
 
 
 def best_ppl_bound(workdir: str) -> float:

@@ -407,7 +407,18 @@ def train_and_evaluate(
     """
     num_devices = jax.local_device_count()
     config_checks.check_config(config, num_devices)
-    runs.check_workdir_config(config, workdir, allow_config_change)
+    os.makedirs(workdir, exist_ok=True)
+    with runs.WorkdirLock(workdir):  # a second process on this workdir stops here
+        runs.check_workdir_config(config, workdir, allow_config_change)
+        return _train_and_evaluate(config, workdir, callbacks, num_devices)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    callbacks: Sequence[Callback],
+    num_devices: int,
+) -> TrainState:
     data = input_pipeline.get_data(config)
     steps_per_epoch = data.steps_per_epoch
     num_steps = run_length(config, steps_per_epoch)
@@ -417,7 +428,6 @@ def train_and_evaluate(
     objective = objectives.OBJECTIVES[config.objective]
     model = runs.make_model(config, data.vocab_size)
 
-    os.makedirs(workdir, exist_ok=True)
     checkpointer = checkpoints.Checkpointer(
         workdir, keep=config.checkpoints_to_keep, keep_period=config.checkpoint_keep_period
     )
@@ -426,8 +436,9 @@ def train_and_evaluate(
         config, model, lr_fn, jax.random.PRNGKey(config.seed), first["tokens"].shape[1]
     )
     start = 0
-    if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(checkpointer.latest_step(), target=state)
+    latest = checkpointer.restore_latest(target=state)  # the latest whole one
+    if latest is not None:
+        _, state, meta = latest
         start = int(state.step)
         logging.info("Resuming %s from step %d (%s).", workdir, start, meta)
     runs.save_config(config, workdir)
