@@ -111,6 +111,7 @@ def model_config(emb: int, hidden: int, latent: int) -> ml_collections.ConfigDic
         )
     )
     config.grad_clip_norm = 5.0
+    config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
     return config
 
 

@@ -1,5 +1,6 @@
 """Checkpoints and exact resumption, SIGTERM, the NaN guard, and config validation."""
 
+import json
 import os
 import signal
 import subprocess
@@ -468,3 +469,29 @@ def test_a_damaged_metrics_record_before_others_is_named(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n{"step": 1\n{"step": 10}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
         runs.truncate_metrics(str(tmp_path), 10)
+
+
+def test_a_workdir_is_bound_to_its_data(tmp_path):
+    """Before: a changed corpus was rebuilt in the shared cache and resume / evaluate /
+    generate silently used the new vocabulary (same size: other words behind the same ids)."""
+    config = tiny_ptb_config(tmp_path)
+    config.num_epochs = 1
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(config, workdir)
+    bound = runs.load_config(workdir)
+    record = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert record["vocab_size"] == 24 and len(record["fingerprint"]) == 64
+    # The same corpus again, its words reordered: the same vocabulary size, other ids.
+    source = tmp_path / "ptb" / "ptb.train.txt"
+    lines = source.read_text().splitlines()
+    source.write_text("\n".join(reversed(lines)) + "\n")
+    message = r"trained on other data than config.data gives now .*run fingerprint [0-9a-f]{64}"
+    with pytest.raises(runs.DataMismatchError, match=message):
+        train.train_and_evaluate(config, workdir)  # resume
+    with pytest.raises(runs.DataMismatchError, match="fingerprint"):
+        runs.load_run(workdir, "last")  # what evaluate and generate read
+    # The old build is still in the cache (another fingerprint, another directory).
+    assert len([d for d in os.listdir(tmp_path / "tfds" / "vae_text") if d.startswith("ptb")]) == 2
+    source.write_text("\n".join(lines) + "\n")  # the run's own data back: accepted again
+    config_back, *_ = runs.load_run(workdir, "last")
+    assert config_back.to_dict() == bound.to_dict()

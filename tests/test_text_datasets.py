@@ -101,7 +101,9 @@ def test_reload_reuses_build_and_vocab(tiny_ptb: Path, tmp_path: Path, caplog) -
 
 def test_readable_with_tfds_data_source(tiny_ptb: Path, tmp_path: Path) -> None:
     ds = text.load("ptb", tiny_ptb, tmp_path / "tfds", max_length=50)
-    sources = tfds.data_source("vae_text/ptb_max50", data_dir=str(tmp_path / "tfds"))
+    name = ds.data_dir.parent.name  # ptb_max50_<fingerprint>
+    assert name == f"ptb_max50_{ds.fingerprint[:12]}"
+    sources = tfds.data_source(f"vae_text/{name}", data_dir=str(tmp_path / "tfds"))
     assert len(sources["train"]) == 3
     np.testing.assert_array_equal(sources["train"][1]["ids"], ds.splits["train"][1])
 
@@ -157,7 +159,7 @@ def test_overlong_sentences_dropped_and_counted(tiny_ptb: Path, tmp_path: Path, 
     assert ds.stats["train"].sentences == 1
     assert ds.stats["train"].words == 3
     # max_length is part of the config name, so it never reuses a build made with another.
-    assert (ds.data_dir.parent.name, ds.data_dir.name) == ("ptb_max3", "1.0.0")
+    assert ds.data_dir.parent.name.startswith("ptb_max3_") and ds.data_dir.name == "1.0.0"
     assert "dropped 2 sentence(s) longer than max_length=3" in caplog.text
     # The kept sentence remembers its line in the source file.
     assert ds.splits["train"].example(0)["index"] == 1
@@ -165,15 +167,35 @@ def test_overlong_sentences_dropped_and_counted(tiny_ptb: Path, tmp_path: Path, 
     assert ds.vocab.words == tokens.SPECIALS + TINY_WORDS
 
 
-def test_changed_source_is_rebuilt(tiny_ptb: Path, tmp_path: Path, caplog) -> None:
+def test_changed_source_is_built_beside_the_old_build(tiny_ptb: Path, tmp_path: Path) -> None:
     before = text.load("ptb", tiny_ptb, tmp_path / "tfds")
     assert len(before.splits["valid"]) == 1
     write_ptb(tiny_ptb, valid="the cat \nthe dog \n")
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        after = text.load("ptb", tiny_ptb, tmp_path / "tfds")
-    assert "rebuilding" in caplog.text
+    after = text.load("ptb", tiny_ptb, tmp_path / "tfds")
     assert len(after.splits["valid"]) == 2
     assert after.stats["valid"].unks == 0
+    # Another fingerprint, another build: the first one is untouched (a run trained on it
+    # still finds its data).
+    assert after.fingerprint != before.fingerprint and after.data_dir != before.data_dir
+    assert len(before.splits["valid"]) == 1 and before.data_dir.joinpath("metadata.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_build_is_detected_and_rebuilt(tiny_ptb, tmp_path, damage, caplog) -> None:
+    """Before: a deleted or truncated array_record file gave a raw Riegeli / open() error."""
+    first = text.load("ptb", tiny_ptb, tmp_path / "tfds")
+    record = next(p for p in sorted(first.data_dir.iterdir()) if "train.array_record" in p.name)
+    if damage == "delete":
+        record.unlink()
+    else:
+        os.truncate(record, record.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        again = text.load("ptb", tiny_ptb, tmp_path / "tfds")
+    assert (
+        f"the build at {first.data_dir} is damaged" in caplog.text and "rebuilding" in caplog.text
+    )
+    assert again.vocab == first.vocab and again.stats == first.stats
+    np.testing.assert_array_equal(again.splits["train"][1], first.splits["train"][1])
 
 
 # ----------------------------------------------------------------------------- bad inputs

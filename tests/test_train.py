@@ -185,3 +185,20 @@ def test_clip_by_global_norm_matches_optax(max_norm):
     np.testing.assert_allclose(
         got["a"], grads["a"] * max_norm / (2 * max(max_norm, norm)), rtol=1e-6
     )
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
+    main = ["-m", "vae_jax.main", "--config=configs/synthetic.py", f"--workdir={tmp_path}"]
+    for flags, message in (
+        (["--config.batch_size=0"], "error: config.batch_size=0: must be a positive integer"),
+        (["--config.modle.latent_dim=3"], "names no field of the config"),
+        (["--config.batch_size=abc"], "--config.batch_size=abc"),
+    ):
+        out = run_python([*main, *flags], timeout=120)
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+    verbose = run_python([*main, "--config.batch_size=0", "--verbosity=1"], timeout=120)
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+    evaluate = run_python(["-m", "vae_jax.evaluate", f"--workdir={tmp_path}/none"], timeout=120)
+    assert evaluate.returncode == 2 and "error: --workdir=" in evaluate.stderr
+    assert "Traceback" not in evaluate.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -39,6 +40,8 @@ class Data:
     train: Callable[[int], Iterator[Batch]]
     eval_splits: dict[str, list[Batch]]  # each split once, in fixed-size batches
     steps_per_epoch: int | None  # None for a stream without epochs
+    # "fingerprint": sha256 of what the data was made from (a text build's sources and
+    # settings, the synthetic sequences); "vocab" for text corpora; corpus statistics.
     info: dict
 
 
@@ -193,7 +196,12 @@ def get_text_data(config: ml_collections.ConfigDict) -> Data:
         train=lambda step: train.epochs(*divmod(step, train.steps_per_epoch)),
         eval_splits=eval_splits,
         steps_per_epoch=train.steps_per_epoch,
-        info={"vocab": dataset.vocab, "stats": dataset.stats, "batcher": train},
+        info={
+            "vocab": dataset.vocab,
+            "stats": dataset.stats,
+            "batcher": train,
+            "fingerprint": dataset.fingerprint,
+        },
     )
 
 
@@ -210,7 +218,7 @@ def get_data(config: ml_collections.ConfigDict) -> Data:
             train=functools.partial(synthetic_stream, seqs, config.batch_size, config.seed),
             eval_splits={"eval": pad_rows(seqs, config.eval_batch_size)},
             steps_per_epoch=None,
-            info={"sequences": seqs},
+            info={"sequences": seqs, "fingerprint": hashlib.sha256(seqs.tobytes()).hexdigest()},
         )
     raise ValueError(
         f"config.data.name={name!r}: must be one of {['synthetic', *sorted(text.CORPORA)]}."

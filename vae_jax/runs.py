@@ -1,6 +1,8 @@
 """A run's workdir: what a run leaves behind, and how readers get it back.
 
     WORKDIR/config.json       the config the run trains with (checked on resume)
+    WORKDIR/data.json         the data's fingerprint and vocabulary (checked by every reader)
+    WORKDIR/lock              held by the one process training here
     WORKDIR/metrics.jsonl     one record per logged step (`vae_jax.writers`)
     WORKDIR/checkpoints/      periodic orbax checkpoints of the whole state
     WORKDIR/best/             the parameters of the best valid PPL bound, and their figures
@@ -13,6 +15,7 @@ a model, and `eval_key` the one key every evaluation of a run draws its noise fr
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -26,7 +29,7 @@ from absl import logging
 
 from vae_jax import checkpoints, input_pipeline, models, savae
 
-CONFIG, METRICS, BEST = "config.json", "metrics.jsonl", "best"
+CONFIG, METRICS, BEST, DATA = "config.json", "metrics.jsonl", "best", "data.json"
 
 
 def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.VAE:
@@ -91,6 +94,49 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+# --- The data a run is bound to ----------------------------------------------------------
+
+
+class DataMismatchError(ValueError):
+    """The data a reader would use is not the data the workdir's run was trained on."""
+
+
+def data_record(config: ml_collections.ConfigDict, data: input_pipeline.Data) -> dict:
+    """What identifies a run's data: its fingerprint, vocabulary size and vocabulary digest."""
+    vocab = data.info.get("vocab")
+    words = "\n".join(vocab.words) if vocab is not None else ""
+    return {
+        "name": config.data.name,
+        "fingerprint": data.info["fingerprint"],
+        "vocab_size": data.vocab_size,
+        "vocab_sha256": hashlib.sha256(words.encode()).hexdigest() if vocab is not None else None,
+    }
+
+
+def bind_data(config: ml_collections.ConfigDict, data: input_pipeline.Data, workdir: str) -> None:
+    """Records the run's data in ``data.json`` the first time; afterwards refuses other data
+    (`DataMismatchError` naming both fingerprints) for resume, evaluation and generation alike.
+    """
+    path = os.path.join(workdir, DATA)
+    now = data_record(config, data)
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(now, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return
+    with open(path, encoding="utf-8") as f:
+        then = json.load(f)
+    if then != now:
+        diff = ", ".join(
+            f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in now if then.get(k) != now.get(k)
+        )
+        raise DataMismatchError(
+            f"{workdir} was trained on other data than config.data gives now ({diff}; run "
+            f"fingerprint {then.get('fingerprint')}, now {now['fingerprint']}). Point "
+            "config.data.data_dir (or --data_dir) at the corpus the run was trained on."
+        )
 
 
 # --- Resuming --------------------------------------------------------------------------------
@@ -231,6 +277,8 @@ def load_run(
     params, info = checkpoints.restore_params(workdir, checkpoint)
     info = {"checkpoint": checkpoint, **info}
     data = input_pipeline.get_data(config)
+    if os.path.exists(os.path.join(workdir, DATA)):  # workdirs from before data.json: unchecked
+        bind_data(config, data, workdir)
     model = make_model(config, data.vocab_size)
     check_params(model, params, f"{workdir} checkpoint {checkpoint!r}")
     return config, data, model, params, info

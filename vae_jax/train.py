@@ -420,6 +420,7 @@ def _train_and_evaluate(
     num_devices: int,
 ) -> TrainState:
     data = input_pipeline.get_data(config)
+    runs.bind_data(config, data, workdir)  # a resumed run must see the data it started on
     steps_per_epoch = data.steps_per_epoch
     num_steps = run_length(config, steps_per_epoch)
     eval_every = eval_interval(config, steps_per_epoch)

@@ -10,8 +10,8 @@ with random access (``tfds.data_source``) without TensorFlow.
 Public API
 ----------
 ``load(corpus, source_dir, tfds_dir, max_length=200) -> TextDataset``
-    Builds ``vae_text/<corpus>_max<max_length>`` under ``tfds_dir`` if needed (rebuilding it when
-    the source files or the spec changed since it was built) and opens it.
+    Builds ``vae_text/<corpus>_max<max_length>_<fingerprint>`` under ``tfds_dir`` if needed
+    (and again if its files were damaged) and opens it.
 ``TextDataset``
     ``.vocab`` (:class:`Vocab`), ``.splits`` (``dict[str, TextSplit]``), ``.stats``
     (``dict[str, SplitStats]``), ``.missing_splits``, ``.vocab_source``, ``.data_dir``.
@@ -42,9 +42,12 @@ always reloaded from there.
 
 Stale builds
 ------------
-The config name encodes ``max_length``. The build also records a fingerprint (sha256 of every
-source file it read, the corpus spec, ``max_length`` and a format version) in its metadata;
-:func:`load` recomputes it and, if it differs, logs a warning and rebuilds the dataset in place.
+The config name encodes ``max_length`` and 12 hex digits of the build's fingerprint (sha256 of
+every source file it read, the corpus spec, ``max_length`` and a format version; the whole is
+recorded in its metadata and is ``TextDataset.fingerprint``): changed sources are built beside
+the old build, never over it, so a run trained on the old data still finds it. After a build
+the sha256 of its array_record files is written beside them; :func:`load` checks them and the
+record counts, and rebuilds (with a warning naming the directory) a build that was damaged.
 """
 
 import collections
@@ -53,6 +56,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -558,10 +562,18 @@ class VaeTextConfig(tfds.core.BuilderConfig):
     max_length: int = 200
 
 
-def _make_config(corpus: str, max_length: int) -> VaeTextConfig:
+def fingerprint_id(fingerprint: Mapping[str, Any]) -> str:
+    """sha256 of a build's fingerprint (sources, settings, format): the data's identity."""
+    return _digest(json.dumps(fingerprint, sort_keys=True).encode())
+
+
+def _make_config(corpus: str, max_length: int, fingerprint: str | None = None) -> VaeTextConfig:
+    """``<corpus>_max<max_length>``, plus ``_<12 hex digits of the fingerprint>`` for a build:
+    builds of different sources live side by side and never overwrite each other."""
     spec = get_spec(corpus)
+    suffix = f"_{fingerprint[:12]}" if fingerprint else ""
     return VaeTextConfig(
-        name=f"{corpus}_max{max_length}",
+        name=f"{corpus}_max{max_length}{suffix}",
         description=f"{corpus} from {spec.folder}/, sentences of at most {max_length} words",
         spec=spec,
         max_length=max_length,
@@ -699,6 +711,42 @@ class TextDataset:
     vocab_source: str
     max_length: int
     data_dir: Path  # the built dataset's directory, .../vae_text/<config>/<version>
+    fingerprint: str = ""  # `fingerprint_id` of the sources and settings it was built from
+
+
+_FILES = "vae_jax_files.json"  # sha256 of each file of a build, written after it
+
+
+def _build_files(data_dir: Path) -> dict[str, str]:
+    return {
+        p.name: _digest(p.read_bytes())
+        for p in sorted(data_dir.iterdir())
+        if p.is_file() and ".array_record" in p.name
+    }
+
+
+def _damage(builder: VaeText) -> str | None:
+    """What is wrong with a prepared build's files (None if nothing): missing or changed
+    array_record files against the digests written after the build, or record counts that
+    differ from its statistics."""
+    data_dir = Path(builder.data_dir)
+    sidecar = data_dir / _FILES
+    if not sidecar.exists():
+        return f"no {_FILES} (an interrupted build, or one from before vae_jax recorded it)"
+    want = json.loads(sidecar.read_text(encoding="utf-8"))
+    have = _build_files(data_dir)
+    missing = sorted(set(want) - set(have))
+    changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or changed:
+        return f"missing files {missing}, changed files {changed}"
+    try:
+        sources = builder.as_data_source()
+        stats = builder.info.metadata["stats"]
+        counts = {s: (len(sources[s]), st["sentences"]) for s, st in stats.items()}
+    except Exception as e:  # noqa: BLE001  (whatever TFDS or array_record raise)
+        return f"unreadable ({type(e).__name__}: {e})"
+    wrong = {s: c for s, c in counts.items() if c[0] != c[1]}
+    return f"record counts (have, built) {wrong}" if wrong else None
 
 
 def _current_fingerprint(spec: CorpusSpec, layout: _Layout, max_length: int) -> dict:
@@ -721,6 +769,7 @@ def _open(builder: VaeText, spec: CorpusSpec) -> TextDataset:
         vocab_source=meta["vocab_source"],
         max_length=builder.builder_config.max_length,
         data_dir=Path(builder.data_dir),
+        fingerprint=fingerprint_id(meta["fingerprint"]),
     )
 
 
@@ -744,24 +793,34 @@ def load(
     layout = _check_sources(spec, source_dir)
     fingerprint = _current_fingerprint(spec, layout, max_length)
 
-    config = _make_config(corpus, max_length)
-    # A registered config must be passed by name: TFDS rejects an equal-named new instance.
-    config_arg: str | VaeTextConfig = (
-        config.name if config.name in VaeText.builder_configs else config
-    )
-    builder = VaeText(config=config_arg, data_dir=os.fspath(tfds_dir), file_format="array_record")
+    config = _make_config(corpus, max_length, fingerprint_id(fingerprint))
 
-    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    def make_builder() -> VaeText:
+        return VaeText(config=config, data_dir=os.fspath(tfds_dir), file_format="array_record")
+
+    builder = make_builder()
     # Checking existence first: is_prepared() logs a warning for a folder that is not there.
     exists = builder.data_path.exists()
     prepared = exists and builder.is_prepared()
     if prepared and builder.info.metadata.get("fingerprint") != fingerprint:
+        # The name carries the fingerprint's hash: only a hash collision or a hand-edited
+        # build gets here.
         logger.warning(
-            "%s: the build at %s was made from other source files or settings; rebuilding it",
-            corpus,
-            builder.data_dir,
+            "%s: the build at %s is of other sources; rebuilding it", corpus, builder.data_dir
         )
         prepared = False
+    if prepared:
+        damage = _damage(builder)
+        if damage:
+            logger.warning(
+                "%s: the build at %s is damaged (%s); rebuilding it",
+                corpus,
+                builder.data_dir,
+                damage,
+            )
+            shutil.rmtree(builder.data_dir)
+            builder, exists, prepared = make_builder(), False, False
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if exists and not prepared:
         mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # deletes, then regenerates
     if not prepared:
@@ -772,10 +831,10 @@ def load(
                 try_download_gcs=False,
             )
         )
+        files = _build_files(Path(builder.data_dir))
+        (Path(builder.data_dir) / _FILES).write_text(json.dumps(files, indent=1), encoding="utf-8")
         # A fresh builder reads back exactly what was written, as a later load() would.
-        builder = VaeText(
-            config=config_arg, data_dir=os.fspath(tfds_dir), file_format="array_record"
-        )
+        builder = make_builder()
         if builder.info.metadata.get("fingerprint") != fingerprint:
             raise RuntimeError(f"{corpus}: source files in {source_dir} changed during the build")
         return _open(builder, spec)
