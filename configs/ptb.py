@@ -6,6 +6,8 @@
     python -m vae_jax.main --config=configs/ptb.py:savae_cyclical --workdir=runs/ptb_savae_cyclical
     python -m vae_jax.main --config=configs/ptb.py:savae_monotonic --workdir=runs/ptb_savae_mono
     python -m vae_jax.main --config=configs/ptb.py:savae_size --workdir=runs/ptb_big
+    python -m vae_jax.main --config=configs/ptb.py:free_bits --workdir=runs/ptb_free_bits
+    python -m vae_jax.main --config=configs/ptb.py:dg_vae --workdir=runs/ptb_dg_vae
     python experiments/ptb_table.py runs/ptb_*                       # the Table 1 layout
 
 Reads Mikolov's ``ptb.{train,valid,test}.txt`` from ``config.data.data_dir`` (default
@@ -32,6 +34,16 @@ As the official PTB code (Fu et al.'s ``language_model``, from Kim et al.'s SA-V
   becomes an SA-VAE with ``--config.model.svi_steps=10``.
 - ``:savae_size``: ``:cyclical`` (a plain VAE) with SA-VAE's Yahoo sizes (embeddings 512,
   hidden 1024).
+- ``:free_bits[_<schedule>]`` (cyclical by default): the KL term replaced by free bits, Σ_d
+  max(λ, KL̄_d) with λ = 0.5 nats per dimension (Li et al. 2019's form; ``config.free_bits``).
+- ``:dg_vae[_<schedule>]``: DG-VAE (Zhang et al. 2022): the density gap of 32 posterior
+  samples per sentence over chunks of the whole batch in place of the KL (``config.dg_vae``);
+  ``:dg_vae_constant`` is the paper's own setting (β = 1).
+- Any variant: ``--config.objective=free_bits|dg_vae`` (SA-VAE included: SVI refines the
+  β-ELBO, the model trains on the remedy at λ_K); ``--config.init_from=WORKDIR
+  --config.init_reset='("dec",)'`` starts from another run's encoder with a new decoder (Li et
+  al. 2019: pre-train an autoencoder with ``--config.beta_schedule.value=0`` on ``:constant``,
+  then ``:free_bits`` from it).
 
 Each epoch evaluates valid and test without dropout, one z sample: Rec, KL, −ELBO and the PPL
 bound exp((ΣRec + ΣKL)/#predicted tokens). The best epoch by valid PPL bound is saved under
@@ -40,14 +52,20 @@ bound exp((ΣRec + ΣKL)/#predicted tokens). The best epoch by valid PPL bound i
 
 import ml_collections
 
-from vae_jax import savae
+from vae_jax import objectives, savae
 
-VARIANTS = ("cyclical", "monotonic", "constant", "savae_size", "savae_cyclical", "savae_monotonic")
+BASE = ("cyclical", "monotonic", "constant", "savae_size", "savae_cyclical", "savae_monotonic")
+VARIANTS = BASE + tuple(
+    f"{remedy}{suffix}"
+    for remedy in objectives.REMEDIES
+    for suffix in ("", "_cyclical", "_monotonic", "_constant")
+)
 
 
 def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"configs/ptb.py:{variant}: variant must be one of {VARIANTS}.")
+    objective, variant = objectives.split_variant(variant)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_epochs = 40
@@ -97,7 +115,15 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     sa_vae = variant in ("savae_cyclical", "savae_monotonic")
     config.model.update(savae.svi_defaults(svi_steps=10 if sa_vae else 0))
 
-    config.objective = "beta_elbo"
+    # Rec + β·KL, or a KL-vanishing remedy in its place (vae_jax.objectives; any variant takes
+    # --config.objective=free_bits|dg_vae); each remedy's hyperparameters in its own section.
+    config.objective = objective
+    for name, fields in objectives.DEFAULTS.items():
+        config[name] = ml_collections.ConfigDict(fields)
+    # Start from another run's parameters (a workdir), re-initialising the top-level
+    # parameters whose names start with one of init_reset (e.g. ("dec",): the decoder).
+    config.init_from = ""
+    config.init_reset = ()
     config.grad_clip_norm = 5.0
     # Schedule fields are in epochs, converted to steps with the data's steps per epoch.
     config.schedule_unit = "epochs"

@@ -20,6 +20,10 @@ The paper does not publish its generator; the choices made here:
   other option), no dropout, uniform(±0.1) initialisation.
 - Optimisation: Adam, learning rate 1e-3, global-norm clipping 5, batch 32, 40K iterations.
 
+``:free_bits[_<schedule>]`` and ``:dg_vae[_<schedule>]`` (cyclical by default) train the same
+model with a KL-vanishing remedy in place of the KL term (``vae_jax.objectives``; free bits with
+λ = 0.5 nats per dimension, DG-VAE's density gap of 32 samples per sequence over the batch).
+
 ``:savae_<schedule>`` (or ``--config.model.svi_steps=K`` on any variant) trains the same model as
 an SA-VAE (Kim et al. 2018, `vae_jax.savae`): 10 SVI steps on each sequence's β-ELBO refine the
 encoder's posterior, with the PTB reference's settings (``configs/ptb.py``). Fixed-step SVI is
@@ -30,15 +34,20 @@ them.
 
 import ml_collections
 
-from vae_jax import savae
+from vae_jax import objectives, savae
 
 SCHEDULES = ("constant", "monotonic", "cyclical")
-VARIANTS = SCHEDULES + tuple(f"savae_{s}" for s in SCHEDULES)
+VARIANTS = (
+    SCHEDULES
+    + tuple(f"savae_{s}" for s in SCHEDULES)
+    + tuple(f"{r}{x}" for r in objectives.REMEDIES for x in ("", *(f"_{s}" for s in SCHEDULES)))
+)
 
 
 def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"configs/synthetic.py:{variant}: variant must be one of {VARIANTS}.")
+    objective, variant = objectives.split_variant(variant)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_train_steps = 40_000
@@ -81,7 +90,15 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     # svi_momentum, svi_max_grad_norm, ...); svi_steps = 0 is the plain VAE.
     config.model.update(savae.svi_defaults(svi_steps=10 if variant.startswith("savae_") else 0))
 
-    config.objective = "beta_elbo"
+    # Rec + β·KL, or a KL-vanishing remedy in its place (vae_jax.objectives; any variant takes
+    # --config.objective=free_bits|dg_vae); each remedy's hyperparameters in its own section.
+    config.objective = objective
+    for name, fields in objectives.DEFAULTS.items():
+        config[name] = ml_collections.ConfigDict(fields)
+    # Start from another run's parameters (a workdir), re-initialising the top-level
+    # parameters whose names start with one of init_reset (e.g. ("dec",): the decoder).
+    config.init_from = ""
+    config.init_reset = ()
     config.grad_clip_norm = 5.0
     # Schedule fields are in steps (schedule_unit "epochs" multiplies them by steps per epoch).
     config.schedule_unit = "steps"

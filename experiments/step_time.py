@@ -55,7 +55,7 @@ def time_variant(variant: str, overrides: dict, steps: int, length: int) -> dict
     model = runs.make_model(config, PTB_VOCAB)
     state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
     state = train.replicate(state)
-    objective = objectives.OBJECTIVES[config.objective]
+    objective = objectives.make(config)
     p_step = train.make_p_train_step(model, beta_fn, lr_fn, objective)
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, PTB_VOCAB, size=(config.batch_size, length), dtype=np.int32)

@@ -7,6 +7,7 @@ the value and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -67,6 +68,21 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _fail("grad_clip_norm", config.grad_clip_norm, "must be > 0")
     if config.objective not in objectives.OBJECTIVES:
         _fail("objective", config.objective, f"must be one of {sorted(objectives.OBJECTIVES)}")
+    if config.objective == "free_bits":
+        lam = config.free_bits.lambda_per_dim
+        if not (math.isfinite(lam) and lam >= 0):
+            _fail("free_bits.lambda_per_dim", lam, "must be a finite number of nats >= 0")
+    if config.objective == "dg_vae":
+        _positive_int(config, "dg_vae.num_samples")
+        size = config.dg_vae.chunk_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            _fail("dg_vae.chunk_size", size, "must be an integer >= 0 (0: the whole batch)")
+    if not isinstance(config.init_from, str):
+        _fail("init_from", config.init_from, "must be a workdir path or ''")
+    if config.init_from and not os.path.exists(os.path.join(config.init_from, "config.json")):
+        raise FileNotFoundError(
+            f"config.init_from={config.init_from!r}: no run there (no config.json)."
+        )
 
     if config.schedule_unit not in schedules.UNITS:
         _fail("schedule_unit", config.schedule_unit, "must be 'steps' or 'epochs'")

@@ -9,10 +9,12 @@ step and the metrics (``train=False``, β = 1). It is where a model kind says ho
 
 - `models.VAE`: ``model.apply`` at the encoder's posterior λ₀ = (μ, log σ²);
 - `savae.SAVAE`: at the SVI-refined posterior λ_K (Kim et al. 2018), the refinement descending
-  this same objective and β, its gradient the SA-VAE's (`savae.loss`).
+  each example's β-ELBO at the same β, the model trained on ``objective`` at λ_K, its gradient
+  the SA-VAE's (`savae.loss`).
 
 So an SA-VAE is always scored where it is trained, and a new model kind plugs in here.
-``outputs`` holds at least ``logits``, ``mu``, ``logvar`` and ``z`` (the posterior used);
+``outputs`` holds at least ``logits``, ``mu``, ``logvar`` and ``z`` (the posterior used) and
+``keys`` (each example's key, for objectives that draw samples of their own);
 ``objective_sum`` is summed over the batch's sequences, ``sums`` are the additive statistics of
 `objectives.batch_sums`.
 """
@@ -53,6 +55,6 @@ def apply(
         return Forward(
             *savae.loss(model, params, tokens, keys, beta=beta, objective=objective, train=train)
         )
-    outputs = model.apply({"params": params}, tokens, keys, train=train)
+    outputs = {**model.apply({"params": params}, tokens, keys, train=train), "keys": keys}
     objective_sum, sums = objective(outputs, tokens, beta)
     return Forward(objective_sum, sums, outputs)

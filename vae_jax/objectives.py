@@ -1,5 +1,16 @@
 """Training objectives. Each returns ``(objective_sum, sums)`` for a batch.
 
+- `beta_elbo`: Rec + β·KL (Fu et al. 2019, Eq. 4; β = 1 is the negative ELBO);
+- `free_bits`: Rec + β·Σ_d max(λ, KL̄_d) (Kingma et al. 2016, in Li et al.'s 2019 form);
+- `dg_vae`: Rec + β·L_DG, DG-VAE's density gap in place of the per-example KL (Zhang et al.
+  2022, `density_gap`).
+
+Every objective works with every β schedule and model (chosen by ``config.objective``, its
+hyperparameters in ``config.<objective>``: `make`). ``sums`` always hold the analytic KL, so the
+ELBO figures of training, evaluation and metrics mean the same whatever the objective. The
+batch-level terms (free bits' KL̄_d, the density gap's chunks) are over a device's shard: with
+N devices and batch B they see B/N examples (documented deviation; one device is exact).
+
 ``objective_sum`` is summed over the batch's sequences; the train step divides it by the global
 number of sequences, so the loss is the batch mean of the per-sequence objective however the
 batch is split over devices. ``sums`` are the additive statistics metrics are made of
@@ -9,8 +20,10 @@ at the end gives exact averages.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -60,4 +73,135 @@ def beta_elbo(
     return sums["rec"] + beta * sums["kl"], sums
 
 
-OBJECTIVES = {"beta_elbo": beta_elbo}
+def _real(tokens: jnp.ndarray) -> jnp.ndarray:
+    return sequence_lengths(tokens) > 0
+
+
+def free_bits(
+    outputs: dict[str, jnp.ndarray],
+    tokens: jnp.ndarray,
+    beta: jnp.ndarray,
+    lambda_per_dim: float = 0.5,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Σ_n Rec_n + β·N·Σ_d max(λ, KL̄_d), KL̄_d = (1/N) Σ_n KL_nd the batch mean of dimension
+    d's KL: free bits (Kingma et al. 2016) in the per-dimension, batch-mean form of Li et al.
+    (2019, Eq. 4). Below λ nats a dimension's KL costs nothing, so the encoder can use it;
+    the gradient of a dimension's KL vanishes while its batch mean is under λ."""
+    real = _real(tokens)
+    rec = reconstruction(outputs["logits"], tokens)
+    mu, logvar = outputs["mu"], outputs["logvar"]
+    kl_dims = 0.5 * (jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)  # (B, D)
+    sums = batch_sums(rec, jnp.sum(kl_dims, -1), tokens)
+    n = jnp.maximum(sums["sequences"], 1.0)
+    kl_mean = jnp.sum(jnp.where(real[:, None], kl_dims, 0.0), 0) / n
+    kl_term = sums["sequences"] * jnp.sum(jnp.maximum(lambda_per_dim, kl_mean))
+    return sums["rec"] + beta * kl_term, {**sums, "kl_objective": kl_term}
+
+
+LOG_2PI = 1.8378770664093453  # log 2π
+
+
+def density_gap(
+    z: jnp.ndarray,
+    mu: jnp.ndarray,
+    logvar: jnp.ndarray,
+    chunk_size: int,
+    mask: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """DG-VAE's density gap (Zhang et al. 2022), the Monte Carlo Σ_j KL(q_agg,j ‖ N(0, 1)):
+
+        L_c = Σ_j (1/|S_c|) Σ_{z∈S_c} [log((1/|b|) Σ_{k∈c} N(z_j; μ_kj, σ²_kj)) − log N(z_j; 0, 1)]
+
+    for each chunk c of ``chunk_size`` consecutive examples (the last may be shorter), S_c the
+    samples z_{k,m} of its examples, and L the mean of L_c over chunks. z: (B, M, D), M samples
+    of each example's q(z|x); mu, logvar: (B, D); ``mask`` (B,) drops examples (batch filler)
+    from both the samples and the mixture. Log densities go through logsumexp (the reference
+    averages raw densities, which underflow in float32).
+    """
+    batch, samples, dims = z.shape
+    if mask is None:
+        mask = jnp.ones((batch,), bool)
+    pad = -batch % chunk_size
+
+    def chunked(x, fill):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return x.reshape(-1, chunk_size, *x.shape[1:])
+
+    z_c, mu_c, logvar_c = chunked(z, 0.0), chunked(mu, 0.0), chunked(logvar, 0.0)
+    mask_c = chunked(mask, False)  # (C, b)
+    zs = z_c.reshape(z_c.shape[0], -1, dims)  # (C, b·M, D): the chunk's samples
+    # log N(z_sj; μ_kj, σ²_kj) for every sample s and component k of a chunk: (C, bM, b, D).
+    diff = zs[:, :, None, :] - mu_c[:, None, :, :]
+    comp = -0.5 * (jnp.square(diff) * jnp.exp(-logvar_c)[:, None] + logvar_c[:, None] + LOG_2PI)
+    comp = jnp.where(mask_c[:, None, :, None], comp, -jnp.inf)
+    count = jnp.sum(mask_c, axis=1)  # |b| of each chunk: its real examples
+    log_q = jax.nn.logsumexp(comp, axis=2) - jnp.log(jnp.maximum(count, 1))[:, None, None]
+    log_p = -0.5 * (jnp.square(zs) + LOG_2PI)
+    sample_mask = jnp.repeat(mask_c, samples, axis=1)  # (C, bM)
+    gap = jnp.where(sample_mask[..., None], log_q - log_p, 0.0)
+    per_chunk = jnp.sum(gap, axis=(1, 2)) / jnp.maximum(count * samples, 1)  # L_c
+    has_real = count > 0
+    return jnp.sum(jnp.where(has_real, per_chunk, 0.0)) / jnp.maximum(jnp.sum(has_real), 1)
+
+
+DG_STREAM = 0xD6  # folded into an example's key for its density-gap samples
+
+
+def dg_vae(
+    outputs: dict[str, jnp.ndarray],
+    tokens: jnp.ndarray,
+    beta: jnp.ndarray,
+    num_samples: int = 32,
+    chunk_size: int = 0,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Σ_n Rec_n + β·N·L_DG: DG-VAE's objective (Zhang et al. 2022), the density gap
+    `density_gap` of ``num_samples`` reparameterised samples per example in place of the
+    per-example KL, over chunks of ``chunk_size`` examples (0: the whole batch, the
+    reference's |b|). The samples come from each example's key (``outputs["keys"]``)."""
+    real = _real(tokens)
+    rec = reconstruction(outputs["logits"], tokens)
+    mu, logvar = outputs["mu"], outputs["logvar"]
+    sums = batch_sums(rec, gaussian_kl(mu, logvar), tokens)
+
+    def draw(key):
+        return jax.random.normal(jax.random.fold_in(key, DG_STREAM), (num_samples, mu.shape[-1]))
+
+    eps = jax.vmap(draw)(outputs["keys"]).astype(mu.dtype)
+    z = mu[:, None, :] + jnp.exp(0.5 * logvar)[:, None, :] * eps
+    gap = density_gap(z, mu, logvar, chunk_size or mu.shape[0], real)
+    gap_term = sums["sequences"] * gap
+    return sums["rec"] + beta * gap_term, {**sums, "kl_objective": gap_term}
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "beta_elbo": beta_elbo,
+    "free_bits": free_bits,
+    "dg_vae": dg_vae,
+}
+
+
+# The papers' defaults, one config section per objective with hyperparameters:
+# free bits: λ = 0.5 nats per dimension, one of the targets Li et al. (2019) sweep for PTB;
+# DG-VAE: M = 32 samples per example, chunks of the whole batch (Zhang et al. 2022).
+DEFAULTS: dict[str, dict] = {
+    "free_bits": {"lambda_per_dim": 0.5},
+    "dg_vae": {"num_samples": 32, "chunk_size": 0},
+}
+REMEDIES = tuple(DEFAULTS)  # the objectives a config variant can name: "<remedy>[_<schedule>]"
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """A config variant ``<remedy>[_<schedule>]`` as (objective, the rest of the variant):
+    ``dg_vae_constant`` → ("dg_vae", "constant"), ``dg_vae`` → ("dg_vae", "cyclical"),
+    ``monotonic`` → ("beta_elbo", "monotonic")."""
+    for remedy in REMEDIES:
+        if variant == remedy or variant.startswith(remedy + "_"):
+            return remedy, variant[len(remedy) :].lstrip("_") or "cyclical"
+    return "beta_elbo", variant
+
+
+def make(config) -> Objective:
+    """``config.objective`` with its hyperparameters from ``config.<objective>`` (if any)."""
+    fn = OBJECTIVES[config.objective]
+    params = config.get(config.objective)
+    return functools.partial(fn, **params.to_dict()) if params is not None else fn

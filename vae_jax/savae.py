@@ -137,7 +137,7 @@ def outputs_at(
     logits = model.apply(
         variables, tokens, z, dropout_keys if train else None, method=models.VAE.decode
     )
-    return {"logits": logits, "mu": mu, "logvar": logvar, "z": z}
+    return {"logits": logits, "mu": mu, "logvar": logvar, "z": z, "keys": keys}
 
 
 def svi_gradients(
@@ -216,16 +216,16 @@ def apply(
     keys: jnp.ndarray,
     *,
     beta: jnp.ndarray,
-    objective: Objective = objectives.beta_elbo,
     train: bool,
 ) -> dict[str, jnp.ndarray]:
-    """``model.apply``'s outputs (logits, μ, log σ², z) at the refined λ_K instead of λ₀.
+    """``model.apply``'s outputs (logits, μ, log σ², z) at the refined λ_K instead of λ₀, the
+    refinement descending each example's β-ELBO, as in `loss`.
 
-    Evaluation calls it with β = 1 (the refinement then maximises the ELBO being reported) and
-    ``train=False`` (no dropout, in the SVI steps either); ``keys`` are the evaluation's.
+    With β = 1 the refinement maximises the ELBO being reported, and ``train=False`` means no
+    dropout (in the SVI steps either).
     """
     lam0 = model.apply({"params": params}, tokens, method=models.VAE.encode)
-    lam = refine(model, params, tokens, lam0, keys, beta=beta, objective=objective, train=train)
+    lam = refine(model, params, tokens, lam0, keys, beta=beta, train=train)
     return outputs_at(model, params, tokens, lam, keys, train=train)
 
 
@@ -240,7 +240,8 @@ def loss(
     train: bool = True,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray], dict[str, jnp.ndarray]]:
     """``objective`` at λ_K: its value, its sums and the outputs there (what ``model.apply``
-    returns, at λ_K); its gradient is the SA-VAE's. `vae_jax.forward.apply` calls it.
+    returns, at λ_K); its gradient is the SA-VAE's. `vae_jax.forward.apply` calls it. The
+    refinement itself always descends the per-example β-ELBO at ``beta``.
 
     End to end (Algorithm 1): d f(λ_K(φ, θ), θ) / d(φ, θ), through the refinement. Otherwise the
     decoder gets ∂f(λ_K, θ)/∂θ at a constant λ_K and the encoder ∂f(λ₀(φ), θ)/∂φ at a constant
@@ -249,7 +250,10 @@ def loss(
     where nobody differentiates).
     """
     lam0 = model.apply({"params": params}, tokens, method=models.VAE.encode)
-    kwargs = {"beta": beta, "objective": objective, "train": train}
+    # SVI refines each example's own β-ELBO (its per-example gradients need a sum of
+    # per-example terms); a batch-level remedy (free bits, the density gap) is the objective
+    # the model is then trained on at λ_K.
+    kwargs = {"beta": beta, "objective": objectives.beta_elbo, "train": train}
     if model.svi_end_to_end:
         lam = refine(model, params, tokens, lam0, keys, **kwargs)
         outputs = outputs_at(model, params, tokens, lam, keys, train=train)

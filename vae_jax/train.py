@@ -304,7 +304,7 @@ def _train_record(step_metrics: list[dict[str, np.ndarray]]) -> dict[str, float]
                 "rec": rec,
                 "kl": kl,
                 "elbo": -(rec + kl),
-                "loss": rec + m["beta"] * kl,
+                "loss": m["loss"],  # the objective's: Rec + β·KL, or a remedy's
                 "nll_per_token": m["rec"] / m["tokens"],
             }
         )
@@ -426,7 +426,7 @@ def _train_and_evaluate(
     eval_every = eval_interval(config, steps_per_epoch)
     beta_fn, lr_fn = make_schedules(config, steps_per_epoch)
     _warn_unfinished_warmup(config, steps_per_epoch, num_steps)
-    objective = objectives.OBJECTIVES[config.objective]
+    objective = objectives.make(config)
     model = runs.make_model(config, data.vocab_size)
 
     checkpointer = checkpoints.Checkpointer(
@@ -442,6 +442,8 @@ def _train_and_evaluate(
         _, state, meta = latest
         start = int(state.step)
         logging.info("Resuming %s from step %d (%s).", workdir, start, meta)
+    elif config.init_from:
+        state = state.replace(params=init_params_from(config, model, state.params))
     runs.save_config(config, workdir)
     runs.truncate_metrics(workdir, start)
     best = runs.best_ppl_bound(workdir) if start else float("inf")
@@ -538,6 +540,34 @@ def _train_and_evaluate(
         progress.close()
         writer.close()
     return jax_utils.unreplicate(state)
+
+
+def init_params_from(config: ml_collections.ConfigDict, model: models.VAE, fresh: Any) -> Any:
+    """The parameters of the run at ``config.init_from`` (its best checkpoint, else its last),
+    with the top-level parameters whose names start with a prefix in ``config.init_reset``
+    taken from ``fresh`` instead (e.g. ``("dec",)``: pre-trained encoder, new decoder; Li et al.
+    2019). The optimizer state starts afresh."""
+    which = runs.resolve_checkpoint(config.init_from, "auto")
+    loaded, info = checkpoints.restore_params(config.init_from, which)
+    runs.check_params(model, loaded, f"config.init_from={config.init_from!r} ({which})")
+    reset = tuple(config.init_reset)
+    unknown = [p for p in reset if not any(name.startswith(p) for name in fresh)]
+    if unknown:
+        raise ValueError(
+            f"config.init_reset={reset!r}: {unknown} match no parameter of {sorted(fresh)}."
+        )
+    params = {
+        name: fresh[name] if reset and name.startswith(reset) else value
+        for name, value in loaded.items()
+    }
+    logging.info(
+        "Parameters from %s (%s, step %s); re-initialised: %s.",
+        config.init_from,
+        which,
+        info.get("step"),
+        sorted(n for n in params if reset and n.startswith(reset)) or "none",
+    )
+    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), params, fresh)
 
 
 def _warn_unfinished_warmup(config, steps_per_epoch: int | None, num_steps: int) -> None:
