@@ -8,6 +8,7 @@
     python -m vae_jax.main --config=configs/ptb.py:savae_size --workdir=runs/ptb_big
     python -m vae_jax.main --config=configs/ptb.py:free_bits --workdir=runs/ptb_free_bits
     python -m vae_jax.main --config=configs/ptb.py:dg_vae --workdir=runs/ptb_dg_vae
+    python -m vae_jax.main --config=configs/ptb.py:bn_vae --workdir=runs/ptb_bn_vae
     python experiments/ptb_table.py runs/ptb_*                       # the Table 1 layout
 
 Reads Mikolov's ``ptb.{train,valid,test}.txt`` from ``config.data.data_dir`` (default
@@ -36,6 +37,8 @@ As the official PTB code (Fu et al.'s ``language_model``, from Kim et al.'s SA-V
   hidden 1024).
 - ``:free_bits[_<schedule>]`` (cyclical by default): the KL term replaced by free bits, Σ_d
   max(λ, KL̄_d) with λ = 0.5 nats per dimension (Li et al. 2019's form; ``config.free_bits``).
+- ``:bn_vae[_<schedule>]``: BN-VAE (Zhu et al. 2020): μ batch-normalised with a fixed scale
+  γ = 0.5 and a learned shift, so E[KL] ≥ D·γ²/2 = 4 nats (``config.model.bn_gamma``).
 - ``:dg_vae[_<schedule>]``: DG-VAE (Zhang et al. 2022): the density gap of 32 posterior
   samples per sentence over chunks of the whole batch in place of the KL (``config.dg_vae``);
   ``:dg_vae_constant`` is the paper's own setting (β = 1).
@@ -65,7 +68,7 @@ VARIANTS = BASE + tuple(
 def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"configs/ptb.py:{variant}: variant must be one of {VARIANTS}.")
-    objective, variant = objectives.split_variant(variant)
+    remedy, variant = objectives.split_variant(variant)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_epochs = 40
@@ -110,6 +113,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.5
     config.model.dec_dropout_out = 0.5
     config.model.init_scale = 0.1
+    # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
+    config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
+    config.model.bn_momentum = 0.9
     # SA-VAE's SVI refinement at the reference's settings (vae_jax.savae.SAVAE: svi_lr,
     # svi_momentum, svi_max_grad_norm, ...); svi_steps = 0 is the plain VAE.
     sa_vae = variant in ("savae_cyclical", "savae_monotonic")
@@ -117,7 +123,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
 
     # Rec + β·KL, or a KL-vanishing remedy in its place (vae_jax.objectives; any variant takes
     # --config.objective=free_bits|dg_vae); each remedy's hyperparameters in its own section.
-    config.objective = objective
+    config.objective = "beta_elbo" if remedy == "bn_vae" else remedy
     for name, fields in objectives.DEFAULTS.items():
         config[name] = ml_collections.ConfigDict(fields)
     # Start from another run's parameters (a workdir), re-initialising the top-level

@@ -22,7 +22,8 @@ The paper does not publish its generator; the choices made here:
 
 ``:free_bits[_<schedule>]`` and ``:dg_vae[_<schedule>]`` (cyclical by default) train the same
 model with a KL-vanishing remedy in place of the KL term (``vae_jax.objectives``; free bits with
-λ = 0.5 nats per dimension, DG-VAE's density gap of 32 samples per sequence over the batch).
+λ = 0.5 nats per dimension, DG-VAE's density gap of 32 samples per sequence over the batch);
+``:bn_vae[_<schedule>]`` batch-normalises μ with a fixed γ = 0.5 (BN-VAE, Zhu et al. 2020).
 
 ``:savae_<schedule>`` (or ``--config.model.svi_steps=K`` on any variant) trains the same model as
 an SA-VAE (Kim et al. 2018, `vae_jax.savae`): 10 SVI steps on each sequence's β-ELBO refine the
@@ -47,7 +48,7 @@ VARIANTS = (
 def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"configs/synthetic.py:{variant}: variant must be one of {VARIANTS}.")
-    objective, variant = objectives.split_variant(variant)
+    remedy, variant = objectives.split_variant(variant)
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_train_steps = 40_000
@@ -86,13 +87,16 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.0
     config.model.dec_dropout_out = 0.0
     config.model.init_scale = 0.1
+    # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
+    config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
+    config.model.bn_momentum = 0.9
     # SA-VAE's SVI refinement at the reference's settings (vae_jax.savae.SAVAE: svi_lr,
     # svi_momentum, svi_max_grad_norm, ...); svi_steps = 0 is the plain VAE.
     config.model.update(savae.svi_defaults(svi_steps=10 if variant.startswith("savae_") else 0))
 
     # Rec + β·KL, or a KL-vanishing remedy in its place (vae_jax.objectives; any variant takes
     # --config.objective=free_bits|dg_vae); each remedy's hyperparameters in its own section.
-    config.objective = objective
+    config.objective = "beta_elbo" if remedy == "bn_vae" else remedy
     for name, fields in objectives.DEFAULTS.items():
         config[name] = ml_collections.ConfigDict(fields)
     # Start from another run's parameters (a workdir), re-initialising the top-level

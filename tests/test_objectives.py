@@ -153,3 +153,43 @@ def test_encoder_pretraining_keeps_the_encoder_and_resets_the_decoder(tmp_path):
     config.init_reset = ("decoder",)
     with pytest.raises(ValueError, match=r"config.init_reset=\('decoder',\): \['decoder'\] match"):
         train.init_params_from(config, model, fresh)
+
+
+def test_bn_vae_bounds_the_kl_and_evaluates_with_running_statistics(tmp_path):
+    config = tiny_synthetic_config("bn_vae", steps=12, log_every=4)
+    assert config.model.bn_gamma == 0.5 and config.objective == "beta_elbo"
+    config.model.init_scale = 1.0  # μ̂ that varies over the batch far beyond BN's ε
+    model = runs.make_model(config, config.data.vocab_size)
+    _, lr_fn = train.make_schedules(config, None)
+    params = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), 6).params
+    rng = np.random.default_rng(0)
+    tokens = np.zeros((8, 6), np.int32)
+    tokens[:6] = np.c_[np.full(6, BOS_ID), rng.integers(4, 12, (6, 4)), np.full(6, EOS_ID)]
+    mu, logvar, stats = model.apply(
+        {"params": params}, tokens, True, method=model.encode_with_stats
+    )
+    mu, logvar = np.asarray(mu[:6], np.float64), np.asarray(logvar[:6], np.float64)  # real rows
+    # Batch-normalised μ: over the real rows, mean = the shift (0) and variance ≈ γ².
+    np.testing.assert_allclose(mu.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(mu.var(0), 0.25 * stats["var"] / (stats["var"] + 1e-5), rtol=1e-4)
+    kl = 0.5 * np.sum(mu**2 + np.exp(logvar) - 1 - logvar, -1)
+    assert kl.mean() >= config.model.latent_dim * 0.25 / 2 - 1e-3  # E[KL] ≥ D·γ²/2
+    state = train.train_and_evaluate(config, str(tmp_path))
+    p = state.params
+    assert float(jnp.abs(p["enc_mu_bn_mean"]).max()) > 0  # running statistics moved
+    # Evaluation uses them: μ = γ (μ̂ − r_mean) / √(r_var + ε) + shift, whatever the batch.
+    one = model.apply({"params": p}, tokens[:1], method=model.encode)[0]
+    plain = {k: v for k, v in p.items() if not k.startswith("enc_mu_")}
+    plain["enc_mu"] = {"kernel": p["enc_mu_kernel"], "bias": jnp.zeros(config.model.latent_dim)}
+    raw = model.clone(bn_gamma=0.0).apply({"params": plain}, tokens[:1], method=model.encode)[0]
+    want = 0.5 * (raw - p["enc_mu_bn_mean"]) / jnp.sqrt(p["enc_mu_bn_var"] + 1e-5)
+    np.testing.assert_allclose(one, want + p["enc_mu_bn_shift"], rtol=1e-5, atol=1e-6)
+
+
+def test_bn_vae_with_sa_vae_trains(tmp_path):
+    config = tiny_synthetic_config("savae_cyclical", steps=6, log_every=3)
+    config.model.update(svi_steps=2, bn_gamma=0.5)
+    state = train.train_and_evaluate(config, str(tmp_path))
+    records = [r for r in writers.read_metrics(str(tmp_path)) if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert float(jnp.abs(state.params["enc_mu_bn_mean"]).max()) > 0

@@ -24,7 +24,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     config = synthetic.get_config("cyclical")
     config.num_train_steps = 8
     config.model.update(enc_emb_dim=8, enc_hidden_dim=16, dec_emb_dim=8, dec_hidden_dim=16,
-                        dec_dropout_in=DROPOUT, dec_dropout_out=DROPOUT)
+                        dec_dropout_in=DROPOUT, dec_dropout_out=DROPOUT, bn_gamma=BN_GAMMA)
     data = input_pipeline.get_data(config)
     beta_fn, lr_fn = train.make_schedules(config, None)
     model = runs.make_model(config, data.vocab_size)
@@ -56,9 +56,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_four_devices_compute_what_one_device_computes(dropout):
-    script = MULTI_DEVICE_SCRIPT.replace("DROPOUT", str(dropout))
+@pytest.mark.parametrize("dropout, bn_gamma", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.5)])
+def test_four_devices_compute_what_one_device_computes(dropout, bn_gamma):
+    # bn_gamma > 0: BN-VAE, whose batch statistics are over the global batch.
+    script = MULTI_DEVICE_SCRIPT.replace("DROPOUT", str(dropout)).replace("BN_GAMMA", str(bn_gamma))
     out = run_python(["-c", script], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -62,6 +62,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         rate = config.model[field]
         if not 0.0 <= rate < 1.0:
             _fail(f"model.{field}", rate, "must be in [0, 1)")
+    gamma, momentum = config.model.get("bn_gamma", 0.0), config.model.get("bn_momentum", 0.9)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        _fail("model.bn_gamma", gamma, "must be a finite number >= 0 (0: no BN-VAE)")
+    if not 0.0 <= momentum < 1.0:
+        _fail("model.bn_momentum", momentum, "must be in [0, 1)")
     if not config.model.init_scale > 0:
         _fail("model.init_scale", config.model.init_scale, "must be > 0")
     if not config.grad_clip_norm > 0:

@@ -45,6 +45,14 @@ class VAE(nn.Module):
     dec_dropout_in: float = 0.5
     dec_dropout_out: float = 0.5
     init_scale: float = 0.1
+    # BN-VAE (Zhu et al. 2020): μ = γ·(μ̂ − E_B[μ̂]) / √(Var_B[μ̂] + ε) + b with a fixed γ
+    # (> 0 turns it on) and a learned shift b, so that E_x[KL] ≥ D·γ²/2: the KL cannot vanish.
+    # Batch statistics over the real rows of the global batch in training (``bn_axis_name``:
+    # the device axis, set by the train step), running averages (momentum ``bn_momentum``) at
+    # evaluation, kept as parameters the optimizer never moves (their gradient is 0).
+    bn_gamma: float = 0.0
+    bn_momentum: float = 0.9
+    bn_axis_name: str | None = None
 
     def setup(self):
         init = uniform_init(self.init_scale)
@@ -56,8 +64,17 @@ class VAE(nn.Module):
         self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
         self.enc_input = dense(4 * h_enc, "enc_input")
         self.enc_w_hh = self.param("enc_w_hh", init, (h_enc, 4 * h_enc))
-        self.enc_mu = dense(self.latent_dim, "enc_mu")
         self.enc_logvar = dense(self.latent_dim, "enc_logvar")
+        if self.bn_gamma <= 0:
+            self.enc_mu = dense(self.latent_dim, "enc_mu")
+        else:
+            # No bias before the normalisation: it would have no effect, its gradient being
+            # float noise that Adam's 1/√v turns into steps of size lr.
+            self.enc_mu_kernel = self.param("enc_mu_kernel", init, (h_enc, self.latent_dim))
+            zeros, ones = nn.initializers.zeros, nn.initializers.ones
+            self.enc_mu_bn_shift = self.param("enc_mu_bn_shift", zeros, (self.latent_dim,))
+            self.enc_mu_bn_mean = self.param("enc_mu_bn_mean", zeros, (self.latent_dim,))
+            self.enc_mu_bn_var = self.param("enc_mu_bn_var", ones, (self.latent_dim,))
 
         self.dec_embed = nn.Embed(self.vocab_size, self.dec_emb_dim, embedding_init=init)
         # One input kernel over the concatenation [embedding; z], split in two so that z's
@@ -70,8 +87,15 @@ class VAE(nn.Module):
         self.dec_h0 = dense(h_dec, "dec_h0")
         self.dec_output = dense(self.vocab_size, "dec_output")
 
-    def encode(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """μ and log σ² of q(z|x), each (B, latent_dim), from the hidden state at ``</s>``."""
+    def encode(self, tokens: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """μ and log σ² of q(z|x), each (B, latent_dim), from the hidden state at ``</s>``
+        (``train``: a BN-VAE's μ from batch statistics, else from its running ones)."""
+        return self.encode_with_stats(tokens, train)[:2]
+
+    def encode_with_stats(
+        self, tokens: jnp.ndarray, train: bool = False
+    ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+        """`encode`, plus a BN-VAE's batch statistics of μ̂ in training (else ``{}``)."""
         batch = tokens.shape[0]
         gates = self.enc_input(self.enc_embed(tokens))
         zeros = jnp.zeros((batch, self.enc_hidden_dim), gates.dtype)
@@ -79,7 +103,39 @@ class VAE(nn.Module):
         # Padding comes after the last true token, so the state there has not seen any of it.
         last = jnp.maximum(sequence_lengths(tokens) - 1, 0)
         h_last = hs[jnp.arange(batch), last]
-        return self.enc_mu(h_last), self.enc_logvar(h_last)
+        logvar = self.enc_logvar(h_last)
+        if self.bn_gamma <= 0:
+            return self.enc_mu(h_last), logvar, {}
+        mu = h_last @ self.enc_mu_kernel
+        stats = {}
+        if train:
+            real = (sequence_lengths(tokens) > 0)[:, None]
+
+            def batch_sum(x):  # over the real rows of the global batch
+                x = jnp.sum(jnp.where(real, x, 0.0), 0)
+                return x if self.bn_axis_name is None else jax.lax.psum(x, self.bn_axis_name)
+
+            count = jnp.maximum(batch_sum(jnp.ones_like(mu)), 1.0)
+            mean = batch_sum(mu) / count
+            var = batch_sum(jnp.square(mu - mean)) / count  # two passes: no cancellation
+            stats = {"mean": mean, "var": var}
+        else:
+            mean = jax.lax.stop_gradient(self.enc_mu_bn_mean)
+            var = jax.lax.stop_gradient(self.enc_mu_bn_var)
+        mu = self.bn_gamma * (mu - mean) / jnp.sqrt(var + 1e-5) + self.enc_mu_bn_shift
+        return mu, logvar, stats
+
+    def updated_bn_stats(self, params: dict, stats: dict[str, jnp.ndarray]) -> dict:
+        """``params`` with a BN-VAE's running statistics moved toward the batch's ``stats``:
+        r ← m·r + (1 − m)·s; unchanged without BN."""
+        if self.bn_gamma <= 0 or not stats:
+            return params
+        m = self.bn_momentum
+        return {
+            **params,
+            "enc_mu_bn_mean": m * params["enc_mu_bn_mean"] + (1 - m) * stats["mean"],
+            "enc_mu_bn_var": m * params["enc_mu_bn_var"] + (1 - m) * stats["var"],
+        }
 
     def sample(self, mu: jnp.ndarray, logvar: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
         """Reparameterised z = μ + σ ⊙ ε, ε ~ N(0, I) drawn from each example's key."""
@@ -179,10 +235,11 @@ class VAE(nn.Module):
     ) -> dict[str, jnp.ndarray]:
         """Encodes, samples one z per example and decodes; dropout only when ``train``.
 
-        Returns ``logits`` (B, T − 1, V), ``mu``, ``logvar`` and ``z`` (B, latent_dim).
+        Returns ``logits`` (B, T − 1, V), ``mu``, ``logvar`` and ``z`` (B, latent_dim), and
+        ``bn_stats`` (a BN-VAE's batch statistics in training, else empty).
         """
         z_keys, dropout_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-        mu, logvar = self.encode(tokens)
+        mu, logvar, bn_stats = self.encode_with_stats(tokens, train)
         z = self.sample(mu, logvar, z_keys)
         logits = self.decode(tokens, z, dropout_keys if train else None)
-        return {"logits": logits, "mu": mu, "logvar": logvar, "z": z}
+        return {"logits": logits, "mu": mu, "logvar": logvar, "z": z, "bn_stats": bn_stats}

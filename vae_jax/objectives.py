@@ -187,11 +187,16 @@ DEFAULTS: dict[str, dict] = {
     "free_bits": {"lambda_per_dim": 0.5},
     "dg_vae": {"num_samples": 32, "chunk_size": 0},
 }
-REMEDIES = tuple(DEFAULTS)  # the objectives a config variant can name: "<remedy>[_<schedule>]"
+# The remedies a config variant can name, "<remedy>[_<schedule>]": these objectives, and
+# BN-VAE (Zhu et al. 2020), a model option (``config.model.bn_gamma``) trained on the β-ELBO.
+REMEDIES = (*DEFAULTS, "bn_vae")
+# BN-VAE's fixed scale of μ: γ = 0.5, within the range Zhu et al. (2020) report (0.3–1.2);
+# it bounds E[KL] below by D·γ²/2 (4 nats for D = 32).
+BN_VAE_GAMMA = 0.5
 
 
 def split_variant(variant: str) -> tuple[str, str]:
-    """A config variant ``<remedy>[_<schedule>]`` as (objective, the rest of the variant):
+    """A config variant ``<remedy>[_<schedule>]`` as (remedy, the rest of the variant):
     ``dg_vae_constant`` → ("dg_vae", "constant"), ``dg_vae`` → ("dg_vae", "cyclical"),
     ``monotonic`` → ("beta_elbo", "monotonic")."""
     for remedy in REMEDIES:

@@ -249,18 +249,24 @@ def loss(
     constant, so it moves the gradient and not the value (and is dead code, removed by XLA,
     where nobody differentiates).
     """
-    lam0 = model.apply({"params": params}, tokens, method=models.VAE.encode)
+    *lam0, bn_stats = model.apply(
+        {"params": params}, tokens, train, method=models.VAE.encode_with_stats
+    )
+    lam0 = tuple(lam0)
     # SVI refines each example's own β-ELBO (its per-example gradients need a sum of
     # per-example terms); a batch-level remedy (free bits, the density gap) is the objective
     # the model is then trained on at λ_K.
     kwargs = {"beta": beta, "objective": objectives.beta_elbo, "train": train}
     if model.svi_end_to_end:
         lam = refine(model, params, tokens, lam0, keys, **kwargs)
-        outputs = outputs_at(model, params, tokens, lam, keys, train=train)
+        outputs = {
+            **outputs_at(model, params, tokens, lam, keys, train=train),
+            "bn_stats": bn_stats,
+        }
         return (*objective(outputs, tokens, beta), outputs)
     frozen = jax.lax.stop_gradient(params)
     lam = refine(model, frozen, tokens, jax.lax.stop_gradient(lam0), keys, **kwargs)
-    outputs = outputs_at(model, params, tokens, lam, keys, train=train)
+    outputs = {**outputs_at(model, params, tokens, lam, keys, train=train), "bn_stats": bn_stats}
     total, sums = objective(outputs, tokens, beta)
     encoder_total, _ = objective(
         outputs_at(model, frozen, tokens, lam0, keys, train=train), tokens, beta

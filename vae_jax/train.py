@@ -155,12 +155,12 @@ def train_step(
     num_seqs = jax.lax.psum(jnp.sum(sequence_lengths(tokens) > 0), AXIS)
 
     def loss_fn(params):
-        objective_sum, sums, _ = forward.apply(
+        objective_sum, sums, outputs = forward.apply(
             model, params, tokens, keys, beta=beta, objective=objective, train=True
         )
-        return objective_sum / jnp.maximum(num_seqs, 1), sums
+        return objective_sum / jnp.maximum(num_seqs, 1), (sums, outputs["bn_stats"])
 
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (sums, bn_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if jax.lax.psum(1, AXIS) > 1:  # static; on one device the all-reduce would only copy
         grads = jax.lax.psum(grads, AXIS)
     sums = jax.lax.psum(sums, AXIS)
@@ -182,6 +182,7 @@ def train_step(
             grads, state.opt_state, state.params, global_norm=grad_norm
         )
         params = optax.apply_updates(state.params, updates)
+        params = model.updated_bn_stats(params, bn_stats)  # BN-VAE: running statistics
         return state.replace(
             step=state.step + 1,
             params=params,
@@ -243,6 +244,8 @@ def make_p_train_step(
 ) -> Callable:
     """`train_step` pmapped over ``devices`` (default: all local ones) along `AXIS`, the input
     state donated; ``compilations["train_step_compilations"]`` counts its traces."""
+    if model.bn_gamma > 0:  # BN-VAE: batch statistics over the global batch, all devices
+        model = model.clone(bn_axis_name=AXIS)
     step = functools.partial(
         train_step,
         model=model,
