@@ -116,12 +116,12 @@ def ptb_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_synthetic(args) -> None:
+def run_synthetic(args, rows: list[str]) -> None:
     snapshot_steps = tuple(
         int(round(s * args.steps / 40_000)) for s in synthetic_10seq.SNAPSHOTS_AT_40K
     )
     latents, summary = {}, {}
-    for variant in SYNTHETIC_ROWS:
+    for variant in rows:
         run_args = argparse.Namespace(steps=args.steps, seed=0, out=args.workdir)
         config, model, state, snapshots, sequences, seconds = synthetic_10seq.run_schedule(
             variant, run_args, snapshot_steps
@@ -161,14 +161,15 @@ def main() -> None:
     parser.add_argument("--num_epochs", type=int, default=1)
     parser.add_argument("--num_steps", type=int, default=0, help="Instead of --num_epochs.")
     parser.add_argument("--num_importance_samples", type=int, default=50)
-    parser.add_argument("--rows", default=",".join(ROWS), help="Comma-separated variants.")
+    parser.add_argument("--rows", default="", help="Comma-separated variants (default: all).")
     parser.add_argument("--synthetic", action="store_true", help="The latent-space study.")
     parser.add_argument("--steps", type=int, default=40_000, help="Synthetic iterations.")
     args = parser.parse_args()
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = sorted(set(rows) - set(ROWS))
+    known = SYNTHETIC_ROWS if args.synthetic else tuple(ROWS)
+    rows = [r for r in args.rows.split(",") if r] or list(known)
+    unknown = sorted(set(rows) - set(known))
     if unknown:
-        parser.error(f"--rows: unknown {unknown}; known {list(ROWS)}")
+        parser.error(f"--rows: unknown {unknown}; known {list(known)}")
     if args.num_epochs < 1 or args.num_steps < 0 or args.num_importance_samples < 1:
         parser.error("--num_epochs and --num_importance_samples must be >= 1, --num_steps >= 0")
     if args.synthetic and args.steps < 40:
@@ -177,7 +178,7 @@ def main() -> None:
     logging.set_verbosity(logging.INFO)
     os.makedirs(args.out, exist_ok=True)
     if args.synthetic:
-        run_synthetic(args)
+        run_synthetic(args, rows)
         return
     results = [run_ptb_row(variant, args) for variant in rows]
     length = f"{args.num_steps} steps" if args.num_steps else f"{args.num_epochs} epoch(s)"

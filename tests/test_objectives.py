@@ -193,3 +193,20 @@ def test_bn_vae_with_sa_vae_trains(tmp_path):
     records = [r for r in writers.read_metrics(str(tmp_path)) if "loss" in r]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert float(jnp.abs(state.params["enc_mu_bn_mean"]).max()) > 0
+
+
+def test_remedies_script_plots_the_latent_spaces(tmp_path):
+    from conftest import run_python
+
+    cmd = ["experiments/remedies_table.py", "--synthetic", f"--workdir={tmp_path / 'runs'}"]
+    out = run_python([*cmd, "--steps=40", "--rows=cyclical,dg_vae", f"--out={tmp_path}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "latents.png").stat().st_size > 0
+    summary = __import__("json").loads((tmp_path / "synthetic.json").read_text())
+    assert set(summary) == {"cyclical", "dg_vae"}
+    for figures in summary.values():
+        assert {"rec", "kl", "separation", "kl_prior_agg", "cu@0.03"} <= set(figures)
+        assert figures["steps"] == 40
+        assert figures["elbo"] == pytest.approx(-(figures["rec"] + figures["kl"]), rel=1e-5)
+    bad = run_python([*cmd, "--rows=savae_cyclical"])
+    assert bad.returncode == 2 and "unknown ['savae_cyclical']" in bad.stderr
