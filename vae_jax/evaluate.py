@@ -185,14 +185,8 @@ def format_table(r: dict[str, Any]) -> str:
 
 def define_flags(fv: flags.FlagValues) -> None:
     """This command's flags, on ``fv``."""
-    flags.DEFINE_string("workdir", None, "A run's directory (config.json).", flag_values=fv)
+    cli.define_run_flags(fv)
     flags.DEFINE_string("split", "", "Default: test if present, else the first.", flag_values=fv)
-    flags.DEFINE_string(
-        "checkpoint",
-        "auto",
-        "auto (best if saved, else last), best, last or a step.",
-        flag_values=fv,
-    )
     flags.DEFINE_integer(
         "num_importance_samples", 500, "K of IW-NLL.", lower_bound=1, flag_values=fv
     )
@@ -207,8 +201,6 @@ def define_flags(fv: flags.FlagValues) -> None:
         flag_values=fv,
     )
     flags.DEFINE_integer("seed", 0, "Seed of IW, MI and prior samples.", flag_values=fv)
-    flags.DEFINE_string("data_dir", "", "Overrides config.data.data_dir.", flag_values=fv)
-    flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
 def run(fv: flags.FlagValues) -> dict[str, Any]:

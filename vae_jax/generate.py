@@ -123,15 +123,9 @@ def _rows(fv: flags.FlagValues, text: Text, data: input_pipeline.Data, n: int) -
 
 def define_flags(fv: flags.FlagValues) -> None:
     """This command's flags, on ``fv``."""
-    flags.DEFINE_string("workdir", None, "A run's directory (config.json).", flag_values=fv)
+    cli.define_run_flags(fv)
     flags.DEFINE_enum(
         "mode", None, ["prior", "reconstruct", "interpolate"], "What to decode.", flag_values=fv
-    )
-    flags.DEFINE_string(
-        "checkpoint",
-        "auto",
-        "auto (best if saved, else last), best, last or a step.",
-        flag_values=fv,
     )
     flags.DEFINE_integer(
         "num", 5, "Prior samples / reconstructions.", lower_bound=1, flag_values=fv
@@ -142,8 +136,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("sentence", [], "Input sentence (repeatable).", flag_values=fv)
     flags.DEFINE_integer("steps", 10, "Interpolation intervals.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Of prior samples and drawn sentences.", flag_values=fv)
-    flags.DEFINE_string("data_dir", "", "Overrides config.data.data_dir.", flag_values=fv)
-    flags.mark_flags_as_required(["workdir", "mode"], flag_values=fv)
+    flags.mark_flag_as_required("mode", flag_values=fv)
     flags.register_validator(
         "temperature", lambda t: t > 0, "--temperature must be > 0.", flag_values=fv
     )
