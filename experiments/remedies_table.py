@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -180,7 +181,20 @@ def main() -> None:
     if args.synthetic:
         run_synthetic(args, rows)
         return
-    results = [run_ptb_row(variant, args) for variant in rows]
+    if len(rows) == 1:
+        results = [run_ptb_row(rows[0], args)]
+    else:  # each row in a process of its own: one long process compiling every row's step
+        # for every length bucket ran out of LLVM code mappings here (vm.max_map_count).
+        for variant in rows:
+            command = [sys.executable, os.path.abspath(__file__), f"--rows={variant}"]
+            command += [f"--workdir={args.workdir}", f"--out={args.out}"]
+            command += [f"--num_epochs={args.num_epochs}", f"--num_steps={args.num_steps}"]
+            command += [f"--num_importance_samples={args.num_importance_samples}"]
+            subprocess.run(command, check=True)
+        results = []
+        for variant in rows:
+            with open(os.path.join(args.out, f"ptb_{variant}.json"), encoding="utf-8") as f:
+                results.append(json.load(f))
     length = f"{args.num_steps} steps" if args.num_steps else f"{args.num_epochs} epoch(s)"
     table = ptb_table(results)
     note = (
