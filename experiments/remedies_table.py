@@ -23,7 +23,6 @@ latent space) for ``--steps`` iterations, its posterior samples plotted in the l
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -35,6 +34,7 @@ from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import synthetic_10seq  # noqa: E402  (the synthetic runs and the latent-space plot)
+from step_time import ptb_config  # noqa: E402  (configs/ptb.py by path)
 
 from vae_jax import evaluate, host, metrics, models, runs, train, writers  # noqa: E402
 
@@ -50,13 +50,6 @@ ROWS = {  # variant: row label
     "savae_cyclical": "SA-VAE + cyclical",
 }
 SYNTHETIC_ROWS = ("constant", "cyclical", "free_bits", "bn_vae", "dg_vae", "dg_vae_constant")
-
-
-def ptb_config(variant: str):
-    spec = importlib.util.spec_from_file_location("ptb_config", f"{REPO}/configs/ptb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 def run_ptb_row(variant: str, args) -> dict:

@@ -495,3 +495,26 @@ def test_a_workdir_is_bound_to_its_data(tmp_path):
     source.write_text("\n".join(lines) + "\n")  # the run's own data back: accepted again
     config_back, *_ = runs.load_run(workdir, "last")
     assert config_back.to_dict() == bound.to_dict()
+
+
+def test_a_checkpoint_without_a_digest_is_refused_not_moved(tmp_path):
+    """A checkpoint from before digests is not damaged: resuming refuses it (naming it)
+    instead of moving it aside and silently starting again from step 0."""
+    config = shared_tiny_config("constant", steps=5, checkpoint_every_steps=5)
+    train.train_and_evaluate(config, str(tmp_path))
+    checkpointer = checkpoints.Checkpointer(str(tmp_path))
+    state, meta = checkpointer.restore(5)
+    meta = {k: v for k, v in meta.items() if k != checkpoints.STATE_DIGEST}
+    checkpointer._manager.delete(5)
+    checkpointer._manager.save(  # as an older vae_jax wrote it: no digest in the meta
+        5,
+        args=checkpoints.ocp.args.Composite(
+            state=checkpoints.ocp.args.StandardSave(state),
+            meta=checkpoints.ocp.args.JsonSave(meta),
+        ),
+    )
+    checkpointer.wait()
+    checkpointer.close()
+    with pytest.raises(checkpoints.UnverifiedCheckpointError, match="checkpoint 5 in .* older"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints_corrupt").exists()

@@ -74,6 +74,10 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint that cannot be read, or whose state does not match its recorded digest."""
 
 
+class UnverifiedCheckpointError(CorruptCheckpointError):
+    """A readable checkpoint without a digest: written by a vae_jax from before digests."""
+
+
 def save(directory: str, params: Any, info: Mapping[str, Any]) -> None:
     """Writes ``params`` (a host pytree) and ``info`` into ``directory``; params first, so a
     present ``info.json`` always describes the ``params.msgpack`` beside it."""
@@ -174,6 +178,8 @@ class Checkpointer:
             try:
                 state, meta = self.restore(step, target)
                 return step, state, meta
+            except UnverifiedCheckpointError:
+                raise  # not damaged: moving it aside would silently restart the run
             except CorruptCheckpointError as e:
                 moved = self.quarantine(step) if not self._read_only else "(left: read-only)"
                 logging.warning("%s; moved to %s, trying the one before.", e, moved)
@@ -242,7 +248,10 @@ class Checkpointer:
         meta = dict(restored.meta)
         want = meta.pop(STATE_DIGEST, None)
         if want is None:
-            raise CorruptCheckpointError(f"{where} has no {STATE_DIGEST} in its meta")
+            raise UnverifiedCheckpointError(
+                f"{where} has no {STATE_DIGEST} in its meta: written by an older vae_jax, whose "
+                "checkpoints this one neither verifies nor resumes (start another workdir)"
+            )
         have = state_digest(jax.device_get(restored.state))
         if have != want:
             raise CorruptCheckpointError(

@@ -42,9 +42,13 @@ def parse(
         if len(rest) > 1:
             raise flags.Error(f"unexpected arguments {rest[1:]}")
     except flags.Error as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(prog, str(e))
     return fv
+
+
+def _exit_with(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # What a user can fix (a config value, a path, a workdir in use or bound to other data): one
@@ -69,9 +73,7 @@ def absl_main(
         except user_errors as e:
             if flags.FLAGS.verbosity >= 1:
                 raise
-            print(f"{prog}: error: {e}", file=sys.stderr)
-            print(f"{prog}: (--verbosity=1 shows the traceback)", file=sys.stderr)
-            raise SystemExit(2) from None
+            _exit_with(prog, f"{e}\n{prog}: (--verbosity=1 shows the traceback)")
 
     return main
 
@@ -84,12 +86,9 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
         try:
             return flags.FLAGS(argv)
         except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            message = str(e)
             if isinstance(e, (AttributeError, KeyError)):  # ml_collections' unknown key
                 message = f"a --config.<field> override names no field of the config: {e}"
-            else:
-                message = str(e)
-            print(f"{prog}: error: {message}", file=sys.stderr)
-            print(f"{prog}: see --helpfull for the flags", file=sys.stderr)
-            raise SystemExit(2) from None
+            _exit_with(prog, f"{message}\n{prog}: see --helpfull for the flags")
 
     return parse

@@ -101,18 +101,17 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ValueError(f"config.{field}: {e}") from None
     # Values the factories accept but that turn training around: lr < 0 ascends the loss,
     # β < 0 maximises the KL; NaN makes every step non-finite.
-    for field, at_least, allowed in (
-        ("lr_schedule", 0.0, "a finite learning rate > 0"),
-        ("beta_schedule", None, "a finite KL weight >= 0"),
-    ):
+    for field in ("lr_schedule", "beta_schedule"):
         for name in _SCHEDULE_VALUES:
-            if name in config[field]:
-                value = config[field][name]
-                bad = not math.isfinite(value) or value < 0
-                if at_least is not None and name in ("value", "init_value"):
-                    bad = bad or value <= at_least
-                if bad:
-                    _fail(f"{field}.{name}", value, f"must be {allowed}")
+            value = config[field].get(name)
+            if value is None:
+                continue
+            rate = field == "lr_schedule" and name in ("value", "init_value")
+            if not math.isfinite(value) or value < 0 or (rate and value == 0):
+                allowed = "a finite learning rate > 0" if rate else "finite and >= 0"
+                if field == "beta_schedule":
+                    allowed = "a finite KL weight >= 0"
+                _fail(f"{field}.{name}", value, f"must be {allowed}")
 
     _check_data(config)
 

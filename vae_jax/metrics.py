@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vae_jax import forward, models, objectives
+from vae_jax.densities import LOG_2PI, log_mixture, standard_normal_log_density
 from vae_jax.tokens import sequence_lengths
 
 
@@ -64,8 +65,6 @@ def summarize(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 Batches = Sequence[Mapping[str, np.ndarray]]
-
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 # --- ELBO, as during training ----------------------------------------------------------------
@@ -134,41 +133,12 @@ def elbo_figures(
     return elbo_and_posteriors(model, params, batches, key, objective)[0]
 
 
-def posteriors(
-    model: models.VAE, params: Any, batches: Batches, key: jax.Array
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """μ, log σ² and the real-row mask of `elbo_and_posteriors` (``key``: an SA-VAE's
-    refinement noise; a plain VAE's posteriors do not depend on it)."""
-    return elbo_and_posteriors(model, params, batches, key)[1:]
-
-
 # --- Densities -------------------------------------------------------------------------------
-
-
-def standard_normal_log_density(z: jnp.ndarray) -> jnp.ndarray:
-    """log p(z) = log N(z; 0, I) = −½ Σ_d (z_d² + log 2π), over the last axis."""
-    return -0.5 * jnp.sum(jnp.square(z) + LOG_2PI, axis=-1)
 
 
 def neg_entropy(logvar: jnp.ndarray) -> jnp.ndarray:
     """E_{q(z|x)}[log q(z|x)] = −½ Σ_d (log 2π + 1 + log σ_d²), the closed form, per row."""
     return -0.5 * jnp.sum(LOG_2PI + 1.0 + logvar, axis=-1)
-
-
-def _log_mixture(
-    z: jnp.ndarray, mu: jnp.ndarray, logvar: jnp.ndarray, log_weights: jnp.ndarray
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """log Σ_j π_j N(z; μ_j, diag σ_j²) for queries z (Q, D) and components (N, D).
-
-    Returns the joint, (Q,), and each dimension's marginal log Σ_j π_j N(z_d; μ_jd, σ_jd²),
-    (Q, D). ``log_weights`` = log π_j; −inf drops a component (batch filler).
-    """
-    comp = -0.5 * (
-        jnp.square(z[:, None, :] - mu[None]) * jnp.exp(-logvar)[None] + logvar[None] + LOG_2PI
-    )  # (Q, N, D): differences taken directly, not expanded, to keep float32 digits
-    joint = jax.nn.logsumexp(jnp.sum(comp, -1) + log_weights[None], axis=1)
-    marginal = jax.nn.logsumexp(comp + log_weights[None, :, None], axis=1)
-    return joint, marginal
 
 
 @functools.partial(jax.jit, static_argnames="chunk")
@@ -178,7 +148,7 @@ def _log_aggregate_posterior(
     queries = z.shape[0]
     blocks = jnp.pad(z, ((0, -queries % chunk), (0, 0))).reshape(-1, chunk, z.shape[1])
     log_weights = jnp.full(mu.shape[:1], -math.log(mu.shape[0]), mu.dtype)
-    joint, marginal = jax.lax.map(lambda b: _log_mixture(b, mu, logvar, log_weights), blocks)
+    joint, marginal = jax.lax.map(lambda b: log_mixture(b, mu, logvar, log_weights), blocks)
     return joint.reshape(-1)[:queries], marginal.reshape(-1, z.shape[1])[:queries]
 
 
@@ -238,7 +208,7 @@ def _minibatch_log_q(z: jnp.ndarray, mu: jnp.ndarray, logvar: jnp.ndarray, real:
 
     def one(z_b, mu_b, logvar_b, real_b):
         log_w = jnp.where(real_b, -jnp.log(jnp.maximum(jnp.sum(real_b), 1)), -jnp.inf)
-        return _log_mixture(z_b, mu_b, logvar_b, log_w)[0]
+        return log_mixture(z_b, mu_b, logvar_b, log_w)[0]
 
     return jax.vmap(one)(z, mu, logvar, real)
 

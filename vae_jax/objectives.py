@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vae_jax import densities
 from vae_jax.tokens import PAD_ID, sequence_lengths
 
 # objective(outputs, tokens, beta) -> (objective_sum, sums)
@@ -35,9 +36,14 @@ Objective = Callable[
 ]
 
 
+def gaussian_kl_per_dim(mu: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:
+    """KL(N(μ_d, σ_d²) ‖ N(0, 1)) = ½ (μ_d² + σ_d² − 1 − log σ_d²), per example and dimension."""
+    return 0.5 * (jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)
+
+
 def gaussian_kl(mu: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:
-    """KL(N(μ, diag σ²) ‖ N(0, I)) = ½ Σ_d (μ_d² + σ_d² − 1 − log σ_d²), per example."""
-    return 0.5 * jnp.sum(jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar, axis=-1)
+    """KL(N(μ, diag σ²) ‖ N(0, I)) = Σ_d of `gaussian_kl_per_dim`, per example."""
+    return jnp.sum(gaussian_kl_per_dim(mu, logvar), axis=-1)
 
 
 def reconstruction(logits: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -90,15 +96,12 @@ def free_bits(
     real = _real(tokens)
     rec = reconstruction(outputs["logits"], tokens)
     mu, logvar = outputs["mu"], outputs["logvar"]
-    kl_dims = 0.5 * (jnp.square(mu) + jnp.exp(logvar) - 1.0 - logvar)  # (B, D)
+    kl_dims = gaussian_kl_per_dim(mu, logvar)  # (B, D)
     sums = batch_sums(rec, jnp.sum(kl_dims, -1), tokens)
     n = jnp.maximum(sums["sequences"], 1.0)
     kl_mean = jnp.sum(jnp.where(real[:, None], kl_dims, 0.0), 0) / n
     kl_term = sums["sequences"] * jnp.sum(jnp.maximum(lambda_per_dim, kl_mean))
     return sums["rec"] + beta * kl_term, {**sums, "kl_objective": kl_term}
-
-
-LOG_2PI = 1.8378770664093453  # log 2π
 
 
 def density_gap(
@@ -129,14 +132,13 @@ def density_gap(
 
     z_c, mu_c, logvar_c = chunked(z, 0.0), chunked(mu, 0.0), chunked(logvar, 0.0)
     mask_c = chunked(mask, False)  # (C, b)
-    zs = z_c.reshape(z_c.shape[0], -1, dims)  # (C, b·M, D): the chunk's samples
-    # log N(z_sj; μ_kj, σ²_kj) for every sample s and component k of a chunk: (C, bM, b, D).
-    diff = zs[:, :, None, :] - mu_c[:, None, :, :]
-    comp = -0.5 * (jnp.square(diff) * jnp.exp(-logvar_c)[:, None] + logvar_c[:, None] + LOG_2PI)
-    comp = jnp.where(mask_c[:, None, :, None], comp, -jnp.inf)
     count = jnp.sum(mask_c, axis=1)  # |b| of each chunk: its real examples
-    log_q = jax.nn.logsumexp(comp, axis=2) - jnp.log(jnp.maximum(count, 1))[:, None, None]
-    log_p = -0.5 * (jnp.square(zs) + LOG_2PI)
+    # The chunk's mixture (1/|b|) Σ_k N(·; μ_k, σ²_k), filler components weighted 0, at each of
+    # its b·M samples, per dimension: (C, bM, D).
+    log_weights = jnp.where(mask_c, -jnp.log(jnp.maximum(count, 1))[:, None], -jnp.inf)
+    zs = z_c.reshape(z_c.shape[0], -1, dims)
+    log_q = jax.vmap(lambda *a: densities.log_mixture(*a)[1])(zs, mu_c, logvar_c, log_weights)
+    log_p = -0.5 * (jnp.square(zs) + densities.LOG_2PI)
     sample_mask = jnp.repeat(mask_c, samples, axis=1)  # (C, bM)
     gap = jnp.where(sample_mask[..., None], log_q - log_p, 0.0)
     per_chunk = jnp.sum(gap, axis=(1, 2)) / jnp.maximum(count * samples, 1)  # L_c
