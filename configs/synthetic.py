@@ -50,7 +50,13 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/synthetic.py:{variant}: variant must be one of {VARIANTS}.")
     remedy, variant = objectives.split_variant(variant)
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # parameters and noise
+    config.data_seed = -1  # the data order; -1: config.seed
+    # A population (vae_jax.population): this many members, seeds seed … seed+K−1, trained
+    # as one vmapped program on the same batches; population_fields gives per-member values
+    # of named fields, e.g. (("beta_schedule.ratio", (0.25, 0.5, 0.75)),).
+    config.population_size = 1
+    config.population_fields = ()
     config.num_train_steps = 40_000
     config.batch_size = 32
     config.eval_batch_size = 16

@@ -29,6 +29,11 @@ embedding E, hidden H, latent Z, vocabulary V; a matmul of m×k by k×n costs 2m
     train    3 × forward                           backward ≈ 2 × forward
 Elementwise work (gates, softmax, Adam) is not counted: the fraction of peak is a lower bound.
 
+The population rows (``ptb_23_pop<K>``) time one vmapped step of K members at the PTB size
+(`train.make_p_population_step`), FLOPs K × one step; ``ms_per_member`` = ms / K. On a CPU the
+step grows about linearly in K; on an accelerator, where one batch-32 step is latency-bound, it
+should not.
+
 The IW-NLL row (``iwnll_k500``) times `metrics.iw_log_weights` on 64 sentences at K = 500
 (3 repeats; the first call's compile reported apart), FLOPs 500 × the decoder's forward pass.
 """
@@ -63,6 +68,8 @@ CONFIGS = {
     "ptb_40": (256, 256, 32, 10_002, 32, 40),
     "savae_size_23": (512, 1024, 32, 10_002, 32, 23),
 }
+# Populations (`vae_jax.population`) of K members at the PTB size, one vmapped step.
+POPULATIONS = {f"ptb_23_pop{k}": k for k in (1, 2, 4, 8)}
 
 
 def step_flops(emb: int, hidden: int, latent: int, vocab: int, batch: int, length: int) -> float:
@@ -180,9 +187,41 @@ def _make_model(config: ml_collections.ConfigDict, vocab: int):
     return (runs.make_model if runs else train.make_model)(config, vocab)
 
 
+def population_step_call(name: str) -> Callable[[], dict]:
+    """`train.make_p_population_step` for ``POPULATIONS[name]`` members at the PTB size (β 1,
+    learning rate 1e-3, member k seeded k), carried over like `train_step_call`'s."""
+    emb, hidden, latent, vocab, batch, length = CONFIGS["ptb_23"]
+    members = []
+    for k in range(POPULATIONS[name]):
+        config = model_config(emb, hidden, latent)
+        config.update(seed=k, schedule_unit="steps", objective="beta_elbo")
+        config.beta_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1.0})
+        config.lr_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1e-3})
+        members.append(config)
+    model = _make_model(members[0], vocab)
+    states = []
+    for config in members:
+        lr_fn = train.make_schedules(config, None)[1]
+        key = jax.random.PRNGKey(config.seed)
+        states.append(train.create_train_state(config, model, lr_fn, key, length))
+    devices = jax.local_devices()[:1]
+    state = train.replicate(train.stack_states(states), devices)
+    p_step = train.make_p_population_step(model, members, None, devices=devices)
+    tokens = train.shard({"tokens": random_batch(vocab, batch, length)}, 1)
+    holder = {"state": state}
+
+    def call():
+        holder["state"], metrics = p_step(holder["state"], tokens)
+        return metrics
+
+    return call
+
+
 def train_step_call(name: str) -> Callable[[], dict]:
     """One config's pmapped `train.train_step` on one device, state donated and carried over:
     each call runs one step on the same random batch and returns its metrics (not waited for)."""
+    if name in POPULATIONS:
+        return population_step_call(name)
     emb, hidden, latent, vocab, batch, length = CONFIGS[name]
     config = model_config(emb, hidden, latent)
     model = _make_model(config, vocab)
@@ -223,8 +262,14 @@ def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None
     if profile_dir:  # after the timed steps, so tracing costs them nothing
         with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
             timed(call, PROFILED_STEPS)
-    emb, hidden, latent, _, batch, length = CONFIGS[name]
-    return summarize(name, (emb, hidden, latent, batch, length), timing, step_flops(*CONFIGS[name]))
+    members = POPULATIONS.get(name, 1)
+    emb, hidden, latent, _, batch, length = CONFIGS["ptb_23" if name in POPULATIONS else name]
+    flops = members * step_flops(*CONFIGS["ptb_23" if name in POPULATIONS else name])
+    row = summarize(name, (emb, hidden, latent, batch, length), timing, flops)
+    if name in POPULATIONS:
+        row["members"] = members
+        row["ms_per_member"] = row["ms_median"] / members
+    return row
 
 
 def bench_iwnll(repeats: int, num_samples: int = 500) -> dict:
@@ -308,10 +353,11 @@ def main() -> None:
         parser.error(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} >= 0")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)  # an unwritable folder fails here, not later
-    names = [n for n in args.only.split(",") if n] or [*CONFIGS, "iwnll_k500"]
-    unknown = set(names) - {*CONFIGS, "iwnll_k500"}
+    known = [*CONFIGS, *POPULATIONS, "iwnll_k500"]
+    names = [n for n in args.only.split(",") if n] or known
+    unknown = set(names) - set(known)
     if unknown:
-        parser.error(f"--only: unknown {sorted(unknown)}; known {[*CONFIGS, 'iwnll_k500']}")
+        parser.error(f"--only: unknown {sorted(unknown)}; known {known}")
 
     peak = matmul_peak()
     rows = []

@@ -1,6 +1,7 @@
 """The synthetic 10-sequence experiment of Fu et al. (2019), Sec. 3, Figs. 3 and 4.
 
     python experiments/synthetic_10seq.py --out runs/synthetic [--steps 40000] [--seed 0]
+        [--seeds N]
 
 Trains the LSTM VAE of `configs/synthetic.py` with constant β = 1, monotonic and cyclical
 schedules from the same seed, one workdir each under ``--out``, then writes (with
@@ -11,6 +12,11 @@ schedules from the same seed, one workdir each under ``--out``, then writes (wit
 - ``summary.json``: per schedule, rec, kl and elbo averaged over the last 1,000 iterations and
   ``separation``, the fraction of posterior samples nearer to their own sequence's posterior
   mean than to any other sequence's, at the end of training.
+
+``--seeds N`` trains each schedule's seeds ``seed … seed+N−1`` as one population
+(`vae_jax.population`: one vmapped program, the same batches for every member) and reports the
+mean and standard deviation over them (``<figure>_std``, and ``members``: each seed's figures);
+the figures show the first seed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from absl import logging
 from flax import jax_utils
 
-from vae_jax import host, input_pipeline, models, runs, train, writers
+from vae_jax import host, input_pipeline, models, population, runs, train, writers
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -68,13 +74,15 @@ def run_schedule(variant: str, args, snapshot_steps):
     config.num_train_steps = args.steps
     config.seed = args.seed
     config.data.seed = args.seed
+    config.population_size = args.seeds
     workdir = os.path.join(args.out, variant)
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, not a resumed one
     snapshots = {}
 
     def keep_params(step, state):
-        if step in snapshot_steps:
-            snapshots[step] = jax.device_get(jax_utils.unreplicate(state.params))
+        if step in snapshot_steps:  # the first seed's
+            params = jax.device_get(jax_utils.unreplicate(state.params))
+            snapshots[step] = jax.tree.map(lambda x: x[0], params) if args.seeds > 1 else params
 
     start = time.time()
     state = train.train_and_evaluate(config, workdir, callbacks=[keep_params])
@@ -137,7 +145,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40_000, help="Iterations per schedule.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=100, help="z samples per sequence.")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="Seeds per schedule, trained as one population."
+    )
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds={args.seeds}: must be >= 1.")
     if args.steps < 40:
         parser.error(f"--steps={args.steps}: must be >= 40 (4 cycles of at least 10 steps).")
     host.tune_cpu_host()  # as `vae_jax.main` does: see vae_jax.host
@@ -155,20 +168,39 @@ def main() -> None:
             step: posterior_samples(model, params, sequences, args.samples, args.seed)[0]
             for step, params in snapshots.items()
         }
-        z, mu = posterior_samples(model, state.params, sequences, args.samples, args.seed)
-        histories[variant] = writers.read_metrics(os.path.join(args.out, variant))
-        summary[variant] = {
-            **last_window_means(histories[variant], args.steps, window),
-            "separation": separation(z, mu),
-            "train_seconds": seconds,
-        }
-        print(f"{variant:>9}: " + "  ".join(f"{k}={v:.3f}" for k, v in summary[variant].items()))
+        workdir = os.path.join(args.out, variant)
+        per_seed = []
+        for k in range(args.seeds):
+            params = state.params
+            member_dir = workdir
+            if args.seeds > 1:
+                params = jax.tree.map(lambda x, k=k: x[k], state.params)
+                member_dir = population.member_dir(workdir, k)
+            z, mu = posterior_samples(model, params, sequences, args.samples, args.seed)
+            records = writers.read_metrics(member_dir)
+            if k == 0:
+                histories[variant] = records
+            per_seed.append(
+                {**last_window_means(records, args.steps, window), "separation": separation(z, mu)}
+            )
+        summary[variant] = dict(per_seed[0])
+        if args.seeds > 1:
+            for key in per_seed[0]:
+                values = [m[key] for m in per_seed]
+                summary[variant].update(
+                    {key: float(np.mean(values)), f"{key}_std": float(np.std(values))}
+                )
+            summary[variant]["members"] = per_seed
+        summary[variant]["train_seconds"] = seconds
+        shown = {k: v for k, v in summary[variant].items() if k != "members"}
+        print(f"{variant:>9}: " + "  ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
     plot_curves(histories, os.path.join(args.out, "curves.png"))
     plot_latents(latents, snapshot_steps, os.path.join(args.out, "latents.png"))
     meta = {
         "steps": args.steps,
         "seed": args.seed,
+        "seeds": args.seeds,
         "window": window,
         "ideal_neg_elbo": float(np.log(10)),
         "devices": jax.local_device_count(),

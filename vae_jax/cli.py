@@ -17,13 +17,17 @@ from absl import app, flags
 
 def define_run_flags(fv: flags.FlagValues) -> None:
     """The flags of a command that reads a run: ``--workdir`` (required), ``--checkpoint``,
-    ``--data_dir``."""
+    ``--data_dir``, ``--member`` (a population's)."""
     flags.DEFINE_string("workdir", None, "A run's directory (config.json).", flag_values=fv)
     flags.DEFINE_string(
         "checkpoint", "auto", "auto (best if saved, else last), best, last or a step.",
         flag_values=fv,
     )  # fmt: skip
     flags.DEFINE_string("data_dir", "", "Overrides config.data.data_dir.", flag_values=fv)
+    flags.DEFINE_integer(
+        "member", None, "Which member of a population workdir (vae_jax.population).",
+        flag_values=fv,
+    )  # fmt: skip
     flags.mark_flag_as_required("workdir", flag_values=fv)
 
 

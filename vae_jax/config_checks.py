@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from vae_jax import input_pipeline, objectives, schedules
+from vae_jax import input_pipeline, objectives, population, schedules
 from vae_jax.datasets import text
 
 _SCHEDULE_VALUES = ("value", "init_value", "start", "stop")
@@ -113,6 +113,14 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                     allowed = "a finite KL weight >= 0"
                 _fail(f"{field}.{name}", value, f"must be {allowed}")
 
+    seed = config.get("data_seed", -1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < -1:
+        _fail("data_seed", seed, "must be an integer >= 0, or -1 (config.seed)")
+    population.check(config)
+    if population.is_population(config):
+        for member in population.members(config):  # each member's values, as a single run
+            check_config(member, num_devices)
+        return
     _check_data(config)
 
 

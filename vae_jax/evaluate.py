@@ -2,6 +2,7 @@
 
     python -m vae_jax.evaluate --workdir=runs/ptb_cyclical [--split test]
         [--checkpoint auto|best|last|STEP] [--num_importance_samples 500]
+    python -m vae_jax.evaluate --workdir=runs/population --member=2    # a population's member
 
 Loads ``WORKDIR/config.json`` and a checkpoint (`checkpoints.restore_params`), reads the split
 with `input_pipeline.get_data` and reports, per sentence unless said otherwise (definitions in
@@ -205,9 +206,12 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> dict[str, Any]:
     """Evaluates as the parsed flags ``fv`` say; returns the results it writes."""
-    config, data, model, params, info = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir)
+    config, data, model, params, info = runs.load_run(
+        fv.workdir, fv.checkpoint, fv.data_dir, fv.member
+    )
+    run_dir = info["run_dir"]  # a population's member: WORKDIR/members/<k>
     split = runs.choose_split(data, fv.split)
-    _log(f"Evaluating {fv.workdir} (checkpoint {info['checkpoint']}: {info}) on {split}.")
+    _log(f"Evaluating {run_dir} (checkpoint {info['checkpoint']}: {info}) on {split}.")
     evaluate = functools.partial(
         evaluate_split,
         params=params,
@@ -232,7 +236,7 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     else:
         results["posterior"] = "encoder: the amortized q(z|x)"
     results = {
-        "workdir": fv.workdir,
+        "workdir": run_dir,
         "split": split,
         "checkpoint": info["checkpoint"],
         "checkpoint_info": info,
@@ -240,11 +244,11 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         **results,
     }
     print(
-        f"{fv.workdir} · {split} · checkpoint {info['checkpoint']} · {results['sentences']} "
+        f"{run_dir} · {split} · checkpoint {info['checkpoint']} · {results['sentences']} "
         f"sentences, {results['predicted_tokens']} predicted tokens; per sentence, in nats"
     )
     print(format_table(results))
-    path = os.path.join(fv.workdir, f"eval_{split}.json")
+    path = os.path.join(run_dir, f"eval_{split}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     _log(f"Wrote {path}")

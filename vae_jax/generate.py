@@ -150,9 +150,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> list[str]:
     """Decodes as the parsed flags ``fv`` say; returns the printed lines."""
-    _, data, model, params, info = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir)
+    _, data, model, params, info = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir, fv.member)
     print(
-        f"# {fv.workdir}, checkpoint {info['checkpoint']} (step {info.get('step')})",
+        f"# {info['run_dir']}, checkpoint {info['checkpoint']} (step {info.get('step')})",
         file=sys.stderr,
     )
     text = Text(data)

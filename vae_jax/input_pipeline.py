@@ -7,9 +7,10 @@ Text corpora are batched like the reference code (Kim et al. 2018; Fu et al. 201
 are grouped by length and every batch holds ``batch_size`` sentences of one length (the last
 batch of a length may hold fewer, the rest filled with padding rows). The batch order is
 reshuffled every epoch, and so is the assignment of sentences to the batches of their length,
-from ``default_rng([seed, epoch])``; every sentence is used once per epoch. Rows are padded to
-the next of a few bucket lengths so XLA compiles once per bucket, not once per sentence length;
-the model masks padding, so buckets change no metric (tested).
+from ``default_rng([data_seed, epoch])`` (`data_seed`: ``config.data_seed``, else
+``config.seed``); every sentence is used once per epoch. Rows are padded to the next of a few
+bucket lengths so XLA compiles once per bucket, not once per sentence length; the model masks
+padding, so buckets change no metric (tested).
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ class LengthBatcher:
             epoch, position = epoch + 1, 0
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the data order: ``config.data_seed``, or ``config.seed`` where it is −1."""
+    seed = config.get("data_seed", -1)
+    return config.seed if seed < 0 else seed
+
+
 def data_root(config: ml_collections.ConfigDict) -> str:
     """``config.data.data_dir``, else ``$VAE_JAX_DATA_DIR/<corpus folder>``."""
     if config.data.data_dir:
@@ -186,7 +193,9 @@ def get_text_data(config: ml_collections.ConfigDict) -> Data:
         if len(split) == 0:
             raise ValueError(f"{d.name}: split {name!r} has no sentences to use.")
         splits[name] = [with_boundaries(s) for s in split.__getitems__(range(len(split)))]
-    train = LengthBatcher(splits[d.train_split], config.batch_size, d.bucket_lengths, config.seed)
+    train = LengthBatcher(
+        splits[d.train_split], config.batch_size, d.bucket_lengths, data_seed(config)
+    )
     eval_splits = {}
     for name in d.eval_splits:
         batcher = LengthBatcher(splits[name], config.eval_batch_size, d.bucket_lengths)
@@ -215,7 +224,7 @@ def get_data(config: ml_collections.ConfigDict) -> Data:
         seqs = synthetic.make_sequences(d.num_sequences, d.length, d.vocab_size, d.seed)
         return Data(
             vocab_size=d.vocab_size,
-            train=functools.partial(synthetic_stream, seqs, config.batch_size, config.seed),
+            train=functools.partial(synthetic_stream, seqs, config.batch_size, data_seed(config)),
             eval_splits={"eval": pad_rows(seqs, config.eval_batch_size)},
             steps_per_epoch=None,
             info={"sequences": seqs, "fingerprint": hashlib.sha256(seqs.tobytes()).hexdigest()},

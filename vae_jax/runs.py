@@ -6,6 +6,8 @@
     WORKDIR/metrics.jsonl     one record per logged step (`vae_jax.writers`)
     WORKDIR/checkpoints/      periodic orbax checkpoints of the whole state
     WORKDIR/best/             the parameters of the best valid PPL bound, and their figures
+    WORKDIR/members/<k>/      a population's member k (`vae_jax.population`): its own config,
+                              data.json, metrics and best/; the checkpoints hold all members
 
 `train` writes a workdir; `evaluate`, `generate` and the experiment scripts read one through
 `load_run`, without importing the training loop. `make_model` is the one place a config becomes
@@ -27,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_jax import checkpoints, input_pipeline, models, savae
+from vae_jax import checkpoints, input_pipeline, models, population, savae
 
 CONFIG, METRICS, BEST, DATA = "config.json", "metrics.jsonl", "best", "data.json"
 
@@ -262,25 +264,45 @@ def resolve_checkpoint(workdir: str, checkpoint: str) -> str:
 
 
 def load_run(
-    workdir: str, checkpoint: str = "auto", data_dir: str | None = None
+    workdir: str, checkpoint: str = "auto", data_dir: str | None = None, member: int | None = None
 ) -> tuple[ml_collections.ConfigDict, input_pipeline.Data, models.VAE, Any, dict]:
     """Config, data, model, parameters and checkpoint info of a run's workdir.
 
     ``checkpoint``: ``best`` (lowest valid PPL bound), ``last``, a step number, or ``auto``
     (`resolve_checkpoint`); the info's ``checkpoint`` says which was loaded.
     ``data_dir`` overrides ``config.data.data_dir`` (corpora moved since training).
+    ``member``: which member of a population (`vae_jax.population`) workdir; its own config
+    and ``best/`` are under ``WORKDIR/members/<k>/``, its slice of the population's
+    checkpoints under ``WORKDIR/checkpoints/``. The info's ``run_dir`` is the directory of
+    the run read (the member's for a population), where its readers write their results.
     """
     config = load_config(workdir)
+    run_dir = workdir
+    if population.is_population(config):
+        k = population.size(config)
+        if member is None or not 0 <= member < k:
+            raise ValueError(
+                f"--workdir={workdir} holds a population of {k} members: pass --member=<k> "
+                f"with k in 0..{k - 1} (got {member})."
+            )
+        run_dir = population.member_dir(workdir, member)
+        config = load_config(run_dir)
+    elif member not in (None, 0):
+        raise ValueError(f"--member={member}: {workdir} is a single run, not a population.")
     if data_dir:
         config.data.data_dir = data_dir
-    checkpoint = resolve_checkpoint(workdir, checkpoint)
-    params, info = checkpoints.restore_params(workdir, checkpoint)
-    info = {"checkpoint": checkpoint, **info}
+    checkpoint = resolve_checkpoint(run_dir, checkpoint)
+    if run_dir != workdir and checkpoint != "best":
+        params, info = checkpoints.restore_params(workdir, checkpoint)
+        params = jax.tree.map(lambda x: np.asarray(x)[member], params)
+    else:
+        params, info = checkpoints.restore_params(run_dir, checkpoint)
+    info = {"checkpoint": checkpoint, "run_dir": run_dir, **info}
     data = input_pipeline.get_data(config)
-    if os.path.exists(os.path.join(workdir, DATA)):  # workdirs from before data.json: unchecked
-        bind_data(config, data, workdir)
+    if os.path.exists(os.path.join(run_dir, DATA)):  # workdirs from before data.json: unchecked
+        bind_data(config, data, run_dir)
     model = make_model(config, data.vocab_size)
-    check_params(model, params, f"{workdir} checkpoint {checkpoint!r}")
+    check_params(model, params, f"{run_dir} checkpoint {checkpoint!r}")
     return config, data, model, params, info
 
 

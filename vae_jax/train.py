@@ -39,6 +39,7 @@ from vae_jax import (
     metrics,
     models,
     objectives,
+    population,
     runs,
     schedules,
     writers,
@@ -98,6 +99,13 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
+def make_tx(
+    grad_clip_norm: float | jax.Array, lr_fn: schedules.Schedule
+) -> optax.GradientTransformationExtraArgs:
+    """Global-norm clipping, then Adam at the scheduled learning rate (the reference's)."""
+    return optax.chain(clip_by_global_norm(grad_clip_norm), optax.adam(lr_fn))
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: models.VAE,
@@ -108,7 +116,7 @@ def create_train_state(
     init_rng, run_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(init_rng, tokens, jax.random.split(init_rng, 1), train=False)["params"]
-    tx = optax.chain(clip_by_global_norm(config.grad_clip_norm), optax.adam(lr_fn))
+    tx = make_tx(config.grad_clip_norm, lr_fn)
     return TrainState.create(
         apply_fn=model.apply,
         params=params,
@@ -273,6 +281,114 @@ def make_p_eval_step(
     return jax.pmap(step, axis_name=AXIS, devices=devices)
 
 
+def member_objectives(configs: Sequence[ml_collections.ConfigDict]) -> Callable:
+    """``objective(k)``: member k's objective, k traced. Hyperparameters that differ between
+    members are indexed arrays; those that agree stay Python values (a sample count is a
+    shape)."""
+    name = configs[0].objective
+    fields = configs[0].get(name)
+    fixed, varying = {}, {}
+    for field in fields.to_dict() if fields is not None else {}:
+        values = [c[name][field] for c in configs]
+        if len(set(values)) == 1:
+            fixed[field] = values[0]
+        else:
+            varying[field] = jnp.asarray(values, jnp.float32)
+
+    def objective(k):
+        values = {field: v[k] for field, v in varying.items()}
+        return functools.partial(objectives.OBJECTIVES[name], **fixed, **values)
+
+    return objective
+
+
+def member_hyperparameters(
+    configs: Sequence[ml_collections.ConfigDict], steps_per_epoch: int | None
+) -> tuple[Callable, Callable, Callable, Callable]:
+    """Per-member β, learning rate, objective and clip norm as functions of a member index k
+    (traced): ``beta_fn(k)(step)``, ``lr_fn(k)(count)``, ``objective(k)``, ``clip(k)``; the
+    schedules selected with `jax.lax.switch` (every branch is a scalar function)."""
+    beta_fns, lr_fns = zip(*(make_schedules(c, steps_per_epoch) for c in configs), strict=True)
+    clips = jnp.asarray([c.grad_clip_norm for c in configs], jnp.float32)
+    return (
+        lambda k: lambda step: jax.lax.switch(k, beta_fns, step),
+        lambda k: lambda count: jax.lax.switch(k, lr_fns, count),
+        member_objectives(configs),
+        lambda k: clips[k],
+    )
+
+
+def make_p_population_step(
+    model: models.VAE,
+    configs: Sequence[ml_collections.ConfigDict],
+    steps_per_epoch: int | None,
+    *,
+    spike_factor: float = 0.0,
+    devices: Sequence[jax.Device] | None = None,
+    donate: bool = True,
+    compilations: collections.Counter | None = None,
+) -> Callable:
+    """`train_step` vmapped over a population's members (`vae_jax.population`) and pmapped
+    over devices: the state has a leading member axis, every member sees the same batch.
+
+    Member k runs with its own β, learning rate, objective and clip norm
+    (`member_hyperparameters`); its optimizer is rebuilt inside the step with them, and the
+    returned state carries the shared template ``tx`` again, so the state's structure is the
+    same for every member and every step.
+    """
+    if model.bn_gamma > 0:
+        model = model.clone(bn_axis_name=AXIS)
+    beta_fn, lr_fn, objective, clip = member_hyperparameters(configs, steps_per_epoch)
+
+    def step(states: TrainState, batch: dict[str, jax.Array]):
+        def member_step(state: TrainState, k: jax.Array):
+            tx = make_tx(clip(k), lr_fn(k))
+            new_state, step_metrics = train_step(
+                state.replace(tx=tx),
+                batch,
+                model=model,
+                beta_fn=beta_fn(k),
+                lr_fn=lr_fn(k),
+                objective=objective(k),
+                spike_factor=spike_factor,
+            )
+            return new_state.replace(tx=state.tx), step_metrics
+
+        return jax.vmap(member_step)(states, jnp.arange(len(configs)))
+
+    if compilations is not None:
+        step = _counted(step, compilations, "train_step_compilations")
+    return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else (), devices=devices)
+
+
+def make_p_population_eval_step(
+    model: models.VAE,
+    configs: Sequence[ml_collections.ConfigDict],
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    compilations: collections.Counter | None = None,
+) -> Callable:
+    """`eval_step` vmapped over members (stacked params, one key per member) and pmapped."""
+    objective = member_objectives(configs)
+
+    def step(params, batch, keys):
+        def member_eval(p, key, k):
+            return eval_step(p, batch, key, model=model, objective=objective(k))
+
+        return jax.vmap(member_eval)(params, keys, jnp.arange(len(configs)))
+
+    if compilations is not None:
+        step = _counted(step, compilations, "eval_step_compilations")
+    return jax.pmap(step, axis_name=AXIS, devices=devices)
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+    """Members' states stacked on a new leading axis, all with the first one's ``tx``."""
+    template = states[0].tx
+    states = [s.replace(tx=template) for s in states]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     """A copy of ``tree`` on each device, laid out as `jax.pmap` lays out its outputs.
 
@@ -325,14 +441,23 @@ def evaluate(
     batches: Sequence[input_pipeline.Batch],
     key: jax.Array,
     num_devices: int,
-) -> dict[str, float]:
-    """Exact averages over a whole split (replicated ``params``)."""
+) -> Any:
+    """Exact averages over a whole split (replicated ``params``); for a population (``key``
+    of shape (K, 2), one per member, and a `make_p_population_eval_step`) a list of K."""
+    members = key.shape[0] if key.ndim == 2 else None
     total = None
     for i, batch in enumerate(batches):
-        keys = jax_utils.replicate(jax.random.fold_in(key, i))
-        sums = jax_utils.unreplicate(p_eval_step(params, shard(batch, num_devices), keys))
-        total = metrics.add_sums(total, jax.device_get(sums))
-    return metrics.summarize(total)
+        if members is None:
+            batch_key = jax.random.fold_in(key, i)
+        else:
+            batch_key = jax.vmap(jax.random.fold_in, (0, None))(key, i)
+        sums = p_eval_step(params, shard(batch, num_devices), jax_utils.replicate(batch_key))
+        sums = jax.device_get(jax_utils.unreplicate(sums))
+        sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}  # as Python floats add
+        total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
+    if members is None:
+        return metrics.summarize({k: float(v) for k, v in total.items()})
+    return [metrics.summarize({k: float(v[m]) for k, v in total.items()}) for m in range(members)]
 
 
 def run_length(config: ml_collections.ConfigDict, steps_per_epoch: int | None) -> int:
@@ -431,61 +556,90 @@ def _train_and_evaluate(
     _warn_unfinished_warmup(config, steps_per_epoch, num_steps)
     objective = objectives.make(config)
     model = runs.make_model(config, data.vocab_size)
+    # A single run is a population of one without the member axis; a population's member k
+    # writes its own records under WORKDIR/members/<k>/ (vae_jax.population).
+    is_population = population.is_population(config)
+    members = population.members(config)
+    dirs = [population.member_dir(workdir, k) for k in range(len(members))]
+    dirs = dirs if is_population else [workdir]
 
     checkpointer = checkpoints.Checkpointer(
         workdir, keep=config.checkpoints_to_keep, keep_period=config.checkpoint_keep_period
     )
-    first = next(data.train(0))
-    state = create_train_state(
-        config, model, lr_fn, jax.random.PRNGKey(config.seed), first["tokens"].shape[1]
-    )
+    seq_len = next(data.train(0))["tokens"].shape[1]
+    states = []
+    for member in members:
+        member_lr = make_schedules(member, steps_per_epoch)[1]
+        rng = jax.random.PRNGKey(member.seed)
+        states.append(create_train_state(member, model, member_lr, rng, seq_len))
+    state = stack_states(states) if is_population else states[0]
     start = 0
     latest = checkpointer.restore_latest(target=state)  # the latest whole one
     if latest is not None:
         _, state, meta = latest
-        start = int(state.step)
+        start = int(np.max(state.step))
         logging.info("Resuming %s from step %d (%s).", workdir, start, meta)
     elif config.init_from:
-        state = state.replace(params=init_params_from(config, model, state.params))
+        fresh = [init_params_from(config, model, s.params) for s in states]
+        state = state.replace(params=stack_params(fresh) if is_population else fresh[0])
     runs.save_config(config, workdir)
-    runs.truncate_metrics(workdir, start)
-    best = runs.best_ppl_bound(workdir) if start else float("inf")
+    bests = []
+    for member, directory in zip(members, dirs, strict=True):
+        if is_population:
+            os.makedirs(directory, exist_ok=True)
+            runs.save_config(member, directory)
+            runs.bind_data(member, data, directory)
+        runs.truncate_metrics(directory, start)
+        bests.append(runs.best_ppl_bound(directory) if start else float("inf"))
 
     def meta(step: int) -> dict:
         epoch, position = divmod(step, steps_per_epoch) if steps_per_epoch else (None, step)
-        return {"step": step, "epoch": epoch, "position": position, "data_seed": config.seed}
+        seed = input_pipeline.data_seed(config)
+        return {"step": step, "epoch": epoch, "position": position, "data_seed": seed}
 
     def save(step: int, replicated_state, valid_ppl: float | None = None) -> None:
         host_state = jax.device_get(jax_utils.unreplicate(replicated_state))
         params_finite = all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params))
-        skipping = int(host_state.nonfinite_run) > 0 or int(host_state.spike_run) > 0
+        skipping = np.any(host_state.nonfinite_run > 0) or np.any(host_state.spike_run > 0)
         info = {
             **meta(step),
             "params_finite": params_finite,
-            "good": params_finite and not skipping,
+            "good": bool(params_finite and not skipping),
         }
         checkpointer.save(step, host_state, info, valid_metric=valid_ppl)
 
     state = replicate(state)
     traces = collections.Counter()  # pmap traces once per new batch shape, then compiles
     spike_factor = config.loss_spike.factor
-    p_train_step = make_p_train_step(
-        model, beta_fn, lr_fn, objective, spike_factor=spike_factor, compilations=traces
-    )
-    p_eval_step = make_p_eval_step(model, objective, compilations=traces)
-    eval_key = runs.eval_key(config)
+    if is_population:
+        p_train_step = make_p_population_step(
+            model, members, steps_per_epoch, spike_factor=spike_factor, compilations=traces
+        )
+        p_eval_step = make_p_population_eval_step(model, members, compilations=traces)
+        eval_key = jnp.stack([runs.eval_key(m) for m in members])
+    else:
+        p_train_step = make_p_train_step(
+            model, beta_fn, lr_fn, objective, spike_factor=spike_factor, compilations=traces
+        )
+        p_eval_step = make_p_eval_step(model, objective, compilations=traces)
+        eval_key = runs.eval_key(config)
 
-    writer = writers.MetricWriter(workdir)
+    def member_metrics(step_metrics: dict, k: int) -> dict:
+        """Member k's view of a step's metrics, (devices,) leaves as for a single run."""
+        return jax.tree.map(lambda x: x[:, k], step_metrics) if is_population else step_metrics
+
+    writers_ = [writers.MetricWriter(d) for d in dirs]
     progress = writers.Progress(num_steps, initial=start)
     batches: Iterator = _prefetch(data.train(start), num_devices)
     pending: list = []
     tick = time.time()
     logging.info(
-        "Training steps %d..%d (%s steps/epoch) on %d device(s).",
+        "Training steps %d..%d (%s steps/epoch) on %d device(s)%s.",
         start + 1,
         num_steps,
         steps_per_epoch,
         num_devices,
+        f", {len(members)} members" if is_population else "",
     )
     step = start
     try:
@@ -497,21 +651,27 @@ def _train_and_evaluate(
                     callback(step, state)
                 # One step behind, so the host does not wait for the step just dispatched.
                 if len(pending) > 1:
-                    _check_nonfinite(pending[-2], step - 1, config, checkpointer)
+                    for k in range(len(members)):
+                        m = member_metrics(pending[-2], k)
+                        _check_nonfinite(m, step - 1, config, checkpointer, k, is_population)
                 if step % config.log_every_steps == 0 or step == num_steps:
-                    fetched = [jax.tree.map(lambda x: np.asarray(x[0]), m) for m in pending]
-                    record = _train_record(fetched)
-                    record["steps_per_second"] = len(pending) / max(time.time() - tick, 1e-9)
-                    writer.write(step, record)
-                    progress.update(step, record)
-                    _check_nonfinite(pending[-1], step, config, checkpointer)
+                    fetched = jax.device_get(pending)
+                    seconds = max(time.time() - tick, 1e-9)
+                    for k, writer in enumerate(writers_):
+                        views = [member_metrics(m, k) for m in fetched]
+                        record = _train_record([jax.tree.map(lambda x: x[0], v) for v in views])
+                        record["steps_per_second"] = len(pending) / seconds
+                        writer.write(step, record)
+                        if k == 0:
+                            progress.update(step, record)
+                        _check_nonfinite(views[-1], step, config, checkpointer, k, is_population)
                     pending, tick = [], time.time()
                 epoch_end = bool(steps_per_epoch) and step % steps_per_epoch == 0
                 valid_ppl = None
                 if step % eval_every == 0 or step == num_steps:
-                    best, valid_ppl = _evaluate_and_keep_best(
+                    bests, valid_ppl = _evaluate_and_keep_best(
                         p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch,
-                        writer, workdir, best,
+                        writers_, dirs, bests,
                     )  # fmt: skip
                 if step % config.checkpoint_every_steps == 0 or epoch_end or step == num_steps:
                     save(step, state, valid_ppl)
@@ -536,13 +696,19 @@ def _train_and_evaluate(
     finally:
         if traces:
             # At most one per batch shape (length bucket) in this process: see the log.
-            writer.write(step, dict(traces))
+            for writer in writers_:
+                writer.write(step, dict(traces))
             logging.info("Compilations in this process: %s.", dict(traces))
         checkpointer.wait()
         checkpointer.close()
         progress.close()
-        writer.close()
+        for writer in writers_:
+            writer.close()
     return jax_utils.unreplicate(state)
+
+
+def stack_params(params: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *params)
 
 
 def init_params_from(config: ml_collections.ConfigDict, model: models.VAE, fresh: Any) -> Any:
@@ -599,14 +765,18 @@ def _counted(fn: Callable, counter: collections.Counter, name: str) -> Callable:
     return wrapper
 
 
-def _check_nonfinite(step_metrics, step: int, config, checkpointer) -> None:
+def _check_nonfinite(
+    step_metrics, step: int, config, checkpointer, member: int = 0, label: bool = False
+) -> None:
     """Stops the run after ``max_nonfinite_steps`` skipped steps in a row (non-finite, or loss
-    spikes), or at the first spike under ``loss_spike.action = "stop"``."""
+    spikes), or at the first spike under ``loss_spike.action = "stop"``; in a population, a
+    member's stops the whole population (named: ``label``), whose checkpoint holds them all."""
+    who = f"Population member {member}: " if label else ""
     run = int(step_metrics["nonfinite_run"][0])
     if run >= config.max_nonfinite_steps:
         last = checkpointer.last_good_step()
         raise NonFiniteError(
-            f"{run} consecutive steps with a non-finite loss or gradient, the last at step "
+            f"{who}{run} consecutive steps with a non-finite loss or gradient, the last at step "
             f"{step} (beta={float(step_metrics['beta'][0]):.4g}, "
             f"lr={float(step_metrics['lr'][0]):.4g}); none was applied. "
             + _last_good(last, checkpointer)
@@ -617,7 +787,7 @@ def _check_nonfinite(step_metrics, step: int, config, checkpointer) -> None:
         # The spike shows the damage of the step before it: that state is suspect too.
         last = checkpointer.last_good_step(before=step - 1)
         raise LossSpikeError(
-            f"Loss spike at step {step}: loss {float(step_metrics['loss'][0]):.4g} > "
+            f"{who}Loss spike at step {step}: loss {float(step_metrics['loss'][0]):.4g} > "
             f"config.loss_spike.factor={config.loss_spike.factor:g} x the median of the last "
             f"{config.loss_spike.window} applied steps ({spikes} such steps in a row, not "
             "applied). " + _last_good(last, checkpointer)
@@ -634,30 +804,45 @@ def _last_good(step: int | None, checkpointer) -> str:
 
 
 def _evaluate_and_keep_best(
-    p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch, writer, workdir, best
-) -> tuple[float, float | None]:
-    """Evaluates every eval split, logs it, and saves the parameters if valid improved.
-    Returns the best valid PPL bound so far and this evaluation's (None without a valid split)."""
+    p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch, writers_, dirs, bests
+) -> tuple[list[float], float | None]:
+    """Evaluates every eval split, logs it, and saves each member's parameters (one for a
+    single run) under its ``best/`` if its valid PPL bound improved. Returns the best valid PPL
+    bounds so far and this evaluation's (the members' mean; None without a valid split)."""
     epoch = {"epoch": step / steps_per_epoch} if steps_per_epoch else {}
-    results = {}
+    is_population = len(dirs) > 1 or eval_key.ndim == 2
+    results = {}  # split -> one result per member
     for split, split_batches in data.eval_splits.items():
-        results[split] = evaluate(p_eval_step, state.params, split_batches, eval_key, num_devices)
-        writer.write(step, {**epoch, **{f"{split}_{k}": v for k, v in results[split].items()}})
-        logging.info(
-            "step %d %s: %s",
-            step,
-            split,
-            "  ".join(f"{k}={v:.4g}" for k, v in results[split].items()),
-        )
-    writer.flush()
-    valid = results.get("valid", {}).get("ppl_bound")
-    if valid is not None and valid < best:
-        best = valid
-        params = jax.device_get(jax_utils.unreplicate(state.params))
-        checkpoints.save(
-            os.path.join(workdir, runs.BEST), params, {"step": step, **epoch, **results}
-        )
-    return best, valid
+        out = evaluate(p_eval_step, state.params, split_batches, eval_key, num_devices)
+        results[split] = out if is_population else [out]
+        for k, (writer, result) in enumerate(zip(writers_, results[split], strict=True)):
+            writer.write(step, {**epoch, **{f"{split}_{n}": v for n, v in result.items()}})
+            logging.info(
+                "step %d %s%s: %s",
+                step,
+                split,
+                f" member {k}" if is_population else "",
+                "  ".join(f"{n}={v:.4g}" for n, v in result.items()),
+            )
+    for writer in writers_:
+        writer.flush()
+    if "valid" not in results:
+        return bests, None
+    valid = [r["ppl_bound"] for r in results["valid"]]
+    host_params = None
+    for k, directory in enumerate(dirs):
+        if valid[k] < bests[k]:
+            bests[k] = valid[k]
+            if host_params is None:
+                host_params = jax.device_get(jax_utils.unreplicate(state.params))
+            params = (
+                jax.tree.map(lambda x, k=k: x[k], host_params) if is_population else host_params
+            )
+            figures = {split: r[k] for split, r in results.items()}
+            checkpoints.save(
+                os.path.join(directory, runs.BEST), params, {"step": step, **epoch, **figures}
+            )
+    return bests, float(np.mean(valid))
 
 
 def _prefetch(batches: Iterator, num_devices: int) -> Iterator:

@@ -1,0 +1,25 @@
+"""Table 1 of Fu et al. (2019): {VAE, SA-VAE} × {monotonic, cyclical} × 3 seeds on PTB.
+
+    python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py --workdir=runs/table1
+    python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py:vae --workdir=runs/table1
+    python experiments/ptb_table.py runs/table1            # mean ± std over the seeds
+
+``:vae`` and ``:savae`` give one model's two rows. Each row's three seeds train as one
+population (the same batches: the data order of seed 0); ``--nopack`` trains them apart, each
+with its own order. The full length is the paper's 40 epochs (``configs/ptb.py``).
+"""
+
+from vae_jax.sweep import product, sweep
+
+MODELS = {"vae": "", "savae": "savae_"}
+
+
+def get_sweep(models: str = "vae,savae"):
+    names = models.split(",")
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        raise ValueError(f"configs/sweeps/ptb_table1.py:{models}: unknown {sorted(unknown)}.")
+    variants = [f"{MODELS[m]}{s}" for m in names for s in ("monotonic", "cyclical")]
+    return product(
+        [sweep("config", [f"configs/ptb.py:{v}" for v in variants]), sweep("seed", [0, 1, 2])]
+    )

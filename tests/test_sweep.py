@@ -1,0 +1,79 @@
+"""Sweeps (`vae_jax.sweep`): the helpers, the plan (packing seeds into populations), a run."""
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from vae_jax import population, sweep, writers
+
+TINY = {  # configs/synthetic.py shrunk as conftest.tiny_synthetic_config does
+    "num_train_steps": 20, "log_every_steps": 10, "eval_every_steps": 20, "batch_size": 8,
+    "eval_batch_size": 4, "data.vocab_size": 12, "data.length": 4, "model.enc_emb_dim": 4,
+    "model.enc_hidden_dim": 8, "model.dec_emb_dim": 4, "model.dec_hidden_dim": 8,
+}  # fmt: skip
+
+
+def test_product_and_zip():
+    runs = sweep.product([sweep.sweep("a", [1, 2]), sweep.sweep("b", ["x", "y"])])
+    assert runs == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
+    zipped = sweep.zip_([sweep.sweep("a", [1, 2]), sweep.sweep("b", [3, 4])])
+    assert zipped == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+    with pytest.raises(ValueError, match="different lengths"):
+        sweep.zip_([sweep.sweep("a", [1, 2]), sweep.sweep("b", [3])])
+    with pytest.raises(ValueError, match="set by two sweeps"):
+        sweep.product([sweep.sweep("a", [1]), sweep.sweep("a", [2])])
+
+
+def test_plan_packs_consecutive_seeds_only():
+    runs = sweep.product(
+        [sweep.sweep("config", ["c.py:x", "c.py:y"]), sweep.sweep("seed", [0, 1, 2])]
+    )
+    runs.append({"config": "c.py:z", "seed": 0})
+    runs += [{"config": "c.py:w", "seed": s} for s in (0, 2)]  # not consecutive
+    jobs = sweep.plan(runs)
+    assert [(j.name, len(j.members)) for j in jobs] == [
+        ("c-x.seed-0-2", 3), ("c-y.seed-0-2", 3), ("c-z.seed-0", 1),
+        ("c-w.seed-0", 1), ("c-w.seed-2", 1),
+    ]  # fmt: skip
+    assert jobs[0].overrides == {"seed": 0, "population_size": 3}
+    assert jobs[0].members == ["c-x.seed-0", "c-x.seed-1", "c-x.seed-2"]
+    assert len(sweep.plan(runs, pack=False)) == 9
+
+
+def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(repo)
+    sweep_file = tmp_path / "tiny.py"
+    sweep_file.write_text(
+        textwrap.dedent(
+            f"""
+            from vae_jax.sweep import product, sweep
+            TINY = {TINY!r}
+            def get_sweep():
+                runs = product([sweep("config", ["configs/synthetic.py:cyclical"]),
+                                sweep("seed", [0, 1])])
+                runs.append({{"config": "configs/synthetic.py:constant", "seed": 5}})
+                return [{{**run, **TINY}} for run in runs]
+            """
+        )
+    )
+    workdir = str(tmp_path / "sweep")
+    assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", "--dry_run"]) == {}
+    assert not os.path.exists(workdir)
+    status = sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}"])
+    assert sorted(status.values()) == [0, 0] and len(status) == 2
+    names = sorted(n for n in os.listdir(workdir) if not n.endswith(".log"))
+    pop = [n for n in names if n.endswith("seed-0-1")][0]
+    for k, run in enumerate(n for n in names if ".seed-" in n and n != pop and "cyclical" in n):
+        # Each run of a population reads as a run directory of its own.
+        assert os.path.realpath(os.path.join(workdir, run)) == os.path.realpath(
+            population.member_dir(os.path.join(workdir, pop), k)
+        )
+        with open(os.path.join(workdir, run, "config.json")) as f:
+            assert json.load(f)["seed"] == k
+        assert writers.read_metrics(os.path.join(workdir, run))[-1]["step"] == 20
+    again = sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}"])
+    assert again == status  # skipped as done: nothing ran (no new records)
+    assert writers.read_metrics(os.path.join(workdir, "synthetic-constant.seed-5"))

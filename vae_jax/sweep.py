@@ -1,0 +1,261 @@
+"""Sweeps: the runs of a sweep file, packed into populations where they can be.
+
+    python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py[:arg] --workdir=runs/table1
+        [--dry_run] [--parallel=N] [--nopack] [--allow_config_change]
+
+A sweep file defines ``get_sweep()``, a list of runs, each a dict of overrides: ``"config"``
+(what ``--config`` takes, ``file.py:variant``) and config fields by dotted name, built with
+`sweep`, `product` and `zip_` (as big_vision's and XManager's ``hyper`` sweeps)::
+
+    from vae_jax.sweep import product, sweep
+
+    def get_sweep():
+        return product([
+            sweep("config", ["configs/ptb.py:monotonic", "configs/ptb.py:cyclical"]),
+            sweep("seed", [0, 1, 2]),
+        ])
+
+Runs that differ only in ``seed``, with consecutive seeds, are packed into one population
+(`vae_jax.population`: one vmapped program), whose member k is the run with seed ``base + k``
+and the data order of the base seed (``data_seed``; set it in the sweep to choose another);
+``--nopack`` runs each alone, with its own data order. Every run lives in
+``WORKDIR/<run name>/`` (a population's members are links into its ``members/<k>/``), so a
+reader sees one run directory per entry. Jobs run as ``python -m vae_jax.main`` processes, one
+after another or ``--parallel=N`` at once, their output in ``WORKDIR/<job>.log``. Running the
+same command again resumes what is unfinished (training resumes exactly) and skips what is
+done (``WORKDIR/<job>/sweep_done.json``); ``--dry_run`` prints the plan and each command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from vae_jax import cli
+
+Run = dict[str, Any]
+DONE = "sweep_done.json"
+
+
+def sweep(name: str, values: Sequence[Any]) -> list[Run]:
+    """One field over ``values``: ``[{name: v} for v in values]``."""
+    return [{name: v} for v in values]
+
+
+def product(sweeps: Sequence[Sequence[Run]]) -> list[Run]:
+    """Every combination of one run from each sweep, merged (later sweeps vary fastest)."""
+    runs = []
+    for parts in itertools.product(*sweeps):
+        merged = {}
+        for part in parts:
+            clash = merged.keys() & part.keys()
+            if clash:
+                raise ValueError(f"sweep.product: {sorted(clash)} set by two sweeps.")
+            merged.update(part)
+        runs.append(merged)
+    return runs
+
+
+def zip_(sweeps: Sequence[Sequence[Run]]) -> list[Run]:
+    """The i-th runs of every sweep merged; the sweeps must be equally long."""
+    lengths = {len(s) for s in sweeps}
+    if len(lengths) > 1:
+        raise ValueError(f"sweep.zip_: sweeps of different lengths {sorted(lengths)}.")
+    return [product([[part] for part in parts])[0] for parts in zip(*sweeps, strict=True)]
+
+
+def run_name(run: Run, keys: Sequence[str] | None = None) -> str:
+    """A directory name for a run, ``ptb-cyclical.seed-1``: its config, then its value of
+    each of ``keys`` (default: all its overrides; `run_names` passes those that vary)."""
+    path, _, variant = run["config"].partition(":")
+    name = os.path.splitext(os.path.basename(path))[0] + (f"-{variant}" if variant else "")
+    for key in sorted(k for k in (run if keys is None else keys) if k != "config"):
+        if key in run:
+            value = run[key]
+            name += f".{key}-{value if isinstance(value, str) else json.dumps(value)}"
+    return "".join(c if c.isalnum() or c in "-._=" else "_" for c in name)
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """The override keys whose values are not the same in every run."""
+    keys = sorted({k for run in runs for k in run})
+    return [k for k in keys if len({json.dumps(r.get(k), default=repr) for r in runs}) > 1]
+
+
+def run_names(runs: Sequence[Run]) -> list[str]:
+    """Each run's `run_name` from the keys that vary over the sweep (``seed`` always)."""
+    keys = sorted({*varying_keys(runs), "seed"})
+    return [run_name(run, keys) for run in runs]
+
+
+@dataclasses.dataclass
+class Job:
+    """One training process: a single run, or a population of several runs."""
+
+    name: str
+    config: str  # --config
+    overrides: dict[str, Any]  # --config.<field>
+    members: list[str]  # the run names it trains, member k first
+
+    def command(self, workdir: str, allow_config_change: bool = False) -> list[str]:
+        command = [sys.executable, "-m", "vae_jax.main", f"--config={self.config}"]
+        command.append(f"--workdir={os.path.join(workdir, self.name)}")
+        if allow_config_change:
+            command.append("--allow_config_change")
+        for key, value in self.overrides.items():
+            text = value if isinstance(value, str) else repr(value)
+            command.append(f"--config.{key}={text}")
+        return command
+
+
+def load_sweep(spec_string: str) -> list[Run]:
+    """``get_sweep()`` (``get_sweep(arg)`` for ``file.py:arg``, as config files take a variant)
+    of a sweep file, checked: a non-empty list of dicts, each with a ``config`` and distinct
+    from the others."""
+    path, _, arg = spec_string.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--sweep={spec_string}: no such file {path}.")
+    spec = importlib.util.spec_from_file_location("vae_jax_sweep_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise ValueError(f"--sweep={spec_string}: {path} defines no get_sweep().")
+    runs = list(module.get_sweep(arg) if arg else module.get_sweep())
+    if not runs or not all(isinstance(r, dict) and "config" in r for r in runs):
+        raise ValueError(
+            f"--sweep={spec_string}: get_sweep() must return dicts, each with 'config'."
+        )
+    names = run_names(runs)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--sweep={spec_string}: runs repeated: {repeated}.")
+    return runs
+
+
+def plan(runs: Sequence[Run], pack: bool = True) -> list[Job]:
+    """The jobs that train ``runs``: runs equal but for consecutive seeds become one population
+    when ``pack``; every other run is a job of its own. Order follows the sweep's."""
+    names = dict(zip((id(r) for r in runs), run_names(runs), strict=True))
+    keys = sorted({*varying_keys(runs), "seed"})
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        rest = {k: v for k, v in run.items() if k != "seed"}
+        groups.setdefault(json.dumps(rest, sort_keys=True, default=repr), []).append(run)
+    jobs = []
+    for group in groups.values():
+        seeds = sorted(r.get("seed", 0) for r in group)
+        consecutive = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+        if pack and len(group) > 1 and consecutive and "population_size" not in group[0]:
+            group = sorted(group, key=lambda r: r.get("seed", 0))
+            base = {k: v for k, v in group[0].items() if k != "config"}
+            base.update(seed=seeds[0], population_size=len(group))
+            name = run_name({**group[0], "seed": f"{seeds[0]}-{seeds[-1]}"}, keys)
+            jobs.append(Job(name, group[0]["config"], base, [names[id(r)] for r in group]))
+            continue
+        for run in group:
+            overrides = {k: v for k, v in run.items() if k != "config"}
+            jobs.append(Job(names[id(run)], run["config"], overrides, [names[id(run)]]))
+    return jobs
+
+
+def _link_members(job: Job, workdir: str) -> None:
+    """``WORKDIR/<run name>`` for each run of ``job`` (a population's: a link to its member)."""
+    if len(job.members) == 1:
+        return
+    for k, name in enumerate(job.members):
+        link = os.path.join(workdir, name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join(job.name, "members", str(k)), link)
+
+
+def execute(
+    jobs: Sequence[Job], workdir: str, parallel: int = 1, allow_config_change: bool = False
+) -> dict[str, int]:
+    """Runs the jobs not yet done, ``parallel`` at a time; returns each job's exit status
+    (0 for those skipped as done)."""
+    os.makedirs(workdir, exist_ok=True)
+    status, queue, running = {}, [], {}
+    for job in jobs:
+        if os.path.exists(os.path.join(workdir, job.name, DONE)):
+            print(f"done already: {job.name}", flush=True)
+            status[job.name] = 0
+            _link_members(job, workdir)
+        else:
+            queue.append(job)
+    while queue or running:
+        while queue and len(running) < parallel:
+            job = queue.pop(0)
+            log = open(os.path.join(workdir, f"{job.name}.log"), "a", encoding="utf-8")  # noqa: SIM115
+            command = job.command(workdir, allow_config_change)
+            print(f"start: {job.name}: {shlex.join(command)}", flush=True)
+            running[job.name] = (job, subprocess.Popen(command, stdout=log, stderr=log), log)
+        time.sleep(0.2)
+        for name, (job, process, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            status[name] = process.returncode
+            if process.returncode == 0:
+                with open(os.path.join(workdir, name, DONE), "w", encoding="utf-8") as f:
+                    json.dump({"members": job.members, "command": job.command(workdir)}, f)
+                _link_members(job, workdir)
+                print(f"done: {name}", flush=True)
+            else:
+                print(
+                    f"FAILED ({process.returncode}): {name}; see {workdir}/{name}.log",
+                    flush=True,
+                )
+    return status
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("sweep", None, "A sweep file defining get_sweep().", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "The sweep's directory: one per run.", flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "Print the plan and commands only.", flag_values=fv)
+    flags.DEFINE_integer("parallel", 1, "Jobs at once.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_bool("pack", True, "Pack runs differing in seed into populations.", flag_values=fv)
+    flags.DEFINE_bool(
+        "allow_config_change", False, "Passed to each run (resume after a config change).",
+        flag_values=fv,
+    )  # fmt: skip
+    flags.mark_flags_as_required(["sweep", "workdir"], flag_values=fv)
+
+
+def run(fv: flags.FlagValues) -> dict[str, int]:
+    runs = load_sweep(fv.sweep)
+    jobs = plan(runs, pack=fv.pack)
+    print(f"{fv.sweep}: {len(runs)} runs in {len(jobs)} jobs under {fv.workdir}", flush=True)
+    for job in jobs:
+        kind = f"population of {len(job.members)}" if len(job.members) > 1 else "single run"
+        print(f"  {job.name} ({kind}): {', '.join(job.members)}")
+        print(f"    {shlex.join(job.command(fv.workdir))}")
+    if fv.dry_run:
+        return {}
+    status = execute(jobs, fv.workdir, fv.parallel, fv.allow_config_change)
+    failed = sorted(name for name, code in status.items() if code)
+    if failed:
+        raise RuntimeError(f"{len(failed)} job(s) failed: {failed}; rerun the command to resume.")
+    return status
+
+
+def main(argv: Sequence[str]) -> dict[str, int]:
+    """The command with the flags in ``argv`` (no program name), for notebooks and tests."""
+    return run(cli.parse(define_flags, "python -m vae_jax.sweep", argv))
+
+
+if __name__ == "__main__":
+    define_flags(flags.FLAGS)
+    prog = "python -m vae_jax.sweep"
+    app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))
