@@ -33,6 +33,7 @@ setup(
         "orbax-checkpoint",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "ruff"],
+        # nbclient, nbformat, ipykernel: the quickstart notebook runs in the test suite.
+        "test": ["pytest", "hypothesis", "ruff", "nbclient", "nbformat", "ipykernel"],
     },
 )

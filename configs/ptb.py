@@ -119,6 +119,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.5
     config.model.dec_dropout_out = 0.5
     config.model.init_scale = 0.1
+    # Layer implementation (vae_jax.kernels): "cpu" (custom VJPs tuned for XLA:CPU), "plain"
+    # (jax.grad of plain code, for GPU/TPU), "auto" (cpu on the CPU backend, else plain).
+    config.model.kernels = "auto"
     # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
     config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
     config.model.bn_momentum = 0.9

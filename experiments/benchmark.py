@@ -29,6 +29,9 @@ embedding E, hidden H, latent Z, vocabulary V; a matmul of m×k by k×n costs 2m
     train    3 × forward                           backward ≈ 2 × forward
 Elementwise work (gates, softmax, Adam) is not counted: the fraction of peak is a lower bound.
 
+The ``*_plain`` rows are the same model with ``kernels="plain"`` (`vae_jax.kernels`: jax.grad of
+plain code, what ``auto`` picks on GPU/TPU), to show what the CPU kernels buy here.
+
 The population rows (``ptb_23_pop<K>``) time one vmapped step of K members at the PTB size
 (`train.make_p_population_step`), FLOPs K × one step; ``ms_per_member`` = ms / K. On a CPU the
 step grows about linearly in K; on an accelerator, where one batch-32 step is latency-bound, it
@@ -68,6 +71,8 @@ CONFIGS = {
     "ptb_40": (256, 256, 32, 10_002, 32, 40),
     "savae_size_23": (512, 1024, 32, 10_002, 32, 23),
 }
+# The PTB model with the plain layers (`vae_jax.kernels`, for GPU/TPU) instead of the CPU ones.
+PLAIN = {"ptb_23_plain": "ptb_23", "ptb_40_plain": "ptb_40"}
 # Populations (`vae_jax.population`) of K members at the PTB size, one vmapped step.
 POPULATIONS = {f"ptb_23_pop{k}": k for k in (1, 2, 4, 8)}
 
@@ -103,7 +108,9 @@ def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
     return 2 * n**3 / float(np.median(times)) / 1e9
 
 
-def model_config(emb: int, hidden: int, latent: int) -> ml_collections.ConfigDict:
+def model_config(
+    emb: int, hidden: int, latent: int, kernels: str = "cpu"
+) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
         dict(
@@ -117,6 +124,8 @@ def model_config(emb: int, hidden: int, latent: int) -> ml_collections.ConfigDic
             init_scale=0.1,
         )
     )
+    if kernels != "cpu":  # older revisions (ab_step.py) have only the CPU kernels
+        config.model.kernels = kernels
     config.grad_clip_norm = 5.0
     config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
     return config
@@ -222,8 +231,8 @@ def train_step_call(name: str) -> Callable[[], dict]:
     each call runs one step on the same random batch and returns its metrics (not waited for)."""
     if name in POPULATIONS:
         return population_step_call(name)
-    emb, hidden, latent, vocab, batch, length = CONFIGS[name]
-    config = model_config(emb, hidden, latent)
+    emb, hidden, latent, vocab, batch, length = CONFIGS[PLAIN.get(name, name)]
+    config = model_config(emb, hidden, latent, "plain" if name in PLAIN else "cpu")
     model = _make_model(config, vocab)
     beta_fn = lr_fn = lambda step: jnp.float32(1e-3)  # noqa: E731
     state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
@@ -263,8 +272,9 @@ def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None
         with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
             timed(call, PROFILED_STEPS)
     members = POPULATIONS.get(name, 1)
-    emb, hidden, latent, _, batch, length = CONFIGS["ptb_23" if name in POPULATIONS else name]
-    flops = members * step_flops(*CONFIGS["ptb_23" if name in POPULATIONS else name])
+    sizes = CONFIGS["ptb_23" if name in POPULATIONS else PLAIN.get(name, name)]
+    emb, hidden, latent, _, batch, length = sizes
+    flops = members * step_flops(*sizes)
     row = summarize(name, (emb, hidden, latent, batch, length), timing, flops)
     if name in POPULATIONS:
         row["members"] = members
@@ -353,7 +363,7 @@ def main() -> None:
         parser.error(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} >= 0")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)  # an unwritable folder fails here, not later
-    known = [*CONFIGS, *POPULATIONS, "iwnll_k500"]
+    known = [*CONFIGS, *PLAIN, *POPULATIONS, "iwnll_k500"]
     names = [n for n in args.only.split(",") if n] or known
     unknown = set(names) - set(known)
     if unknown:

@@ -1,12 +1,17 @@
 """Fu et al. (2019) Table 1 layout from finished (or running) PTB workdirs.
 
     python experiments/ptb_table.py runs/ptb_cyclical runs/ptb_monotonic [--split test]
-        [--select best|last] [--out table.json]
+        [--select best|last] [--max_epoch E] [--out table.json] [--markdown table.md]
+    python experiments/ptb_table.py runs/table1 --plot curves.png      # a sweep directory
 
-One row per workdir (model × β schedule, read from its ``config.json``), columns Rec, KL, −ELBO
-and PPL of ``--split`` at the chosen epoch: ``best`` (default) is the epoch with the lowest
-valid PPL bound, the one saved under ``workdir/best``; ``last`` the latest evaluated epoch.
-PPL is the bound exp((ΣRec + ΣKL)/#predicted tokens) with one z sample, as in training logs.
+Each argument is a run's workdir, a population's (its members) or a sweep's (`vae_jax.sweep`:
+every run in it). One row per model × β schedule (read from ``config.json``), columns Rec, KL,
+−ELBO and PPL of ``--split`` at the chosen epoch: ``best`` (default) is the epoch with the
+lowest valid PPL bound, the one saved under ``workdir/best``; ``last`` the latest evaluated
+epoch; ``--max_epoch`` only looks at epochs up to E (to compare runs still in progress at the
+same length). A row of several runs (seeds) gives mean ± standard deviation over them. PPL is
+the bound exp((ΣRec + ΣKL)/#predicted tokens) with one z sample, as in training logs.
+``--plot`` draws each row's per-epoch valid KL and PPL bound, mean ± std bands over its runs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,33 @@ import argparse
 import json
 import os
 
+import numpy as np
+
 from vae_jax import writers
+
+FIGURES = ("rec", "kl", "neg_elbo", "ppl")
+
+
+def run_dirs(path: str) -> list[str]:
+    """The run directories under ``path``: itself, a population's members, or a sweep's runs."""
+    config_path = os.path.join(path, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            size = json.load(f).get("population_size", 1)
+        if size > 1:
+            return [os.path.join(path, "members", str(k)) for k in range(size)]
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a run, population or sweep directory.")
+    found = []
+    for name in sorted(os.listdir(path)):
+        sub = os.path.join(path, name)
+        if os.path.exists(os.path.join(sub, "config.json")):
+            found += run_dirs(sub)
+    unique = {os.path.realpath(d): d for d in found}  # a sweep links to its populations' runs
+    if not unique:
+        raise FileNotFoundError(f"{path}: holds no run (no config.json in it or below it).")
+    return sorted(unique.values())
 
 
 def model_name(config: dict) -> str:
@@ -26,11 +57,13 @@ def schedule_name(config: dict) -> str:
     return config["beta_schedule"]["name"].replace("_", " ").capitalize()
 
 
-def row(workdir: str, split: str, select: str) -> dict:
+def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -> dict:
     """The figures of one workdir at the selected evaluation."""
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     records = writers.read_metrics(workdir)
+    if max_epoch is not None:
+        records = [r for r in records if r.get("epoch", 0) <= max_epoch + 1e-9]
     evals = {r["step"]: r for r in records if f"{split}_ppl_bound" in r}
     valid = {r["step"]: r for r in records if "valid_ppl_bound" in r}
     if not evals:
@@ -52,35 +85,103 @@ def row(workdir: str, split: str, select: str) -> dict:
         "kl": r[f"{split}_kl"],
         "neg_elbo": -r[f"{split}_elbo"],
         "ppl": r[f"{split}_ppl_bound"],
+        "seed": config.get("seed"),
     }
 
 
-def markdown(rows: list[dict], split: str) -> str:
+def grouped(rows: list[dict]) -> list[dict]:
+    """One row per model × schedule: the mean of each figure over its runs, its standard
+    deviation (``<figure>_std``, ddof 1) and the number of runs ``n``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["schedule"]), []).append(r)
+    out = []
+    for (model, schedule), members in sorted(groups.items()):
+        g = {"model": model, "schedule": schedule, "n": len(members), "runs": members}
+        for key in FIGURES:
+            values = [m[key] for m in members]
+            g[key] = float(np.mean(values))
+            g[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        g["epoch"] = [m["epoch"] for m in members]
+        g["epochs_run"] = min(m["epochs_run"] for m in members)
+        out.append(g)
+    return out
+
+
+def markdown(groups: list[dict], split: str) -> str:
     lines = [
-        f"| Model | Schedule | Rec ↓ | KL | −ELBO ↓ | PPL ↓ | epoch ({split}) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        f"| Model | Schedule | runs | Rec ↓ | KL | −ELBO ↓ | PPL ↓ | epoch ({split}) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["model"], r["schedule"])):
-        epoch = f"{r['epoch']:.3g} of {r['epochs_run']:.3g}" if r["epoch"] is not None else "-"
+    for g in groups:
+        cells = []
+        for key in FIGURES:
+            std = g[f"{key}_std"]
+            cells.append(f"{g[key]:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
+        epochs = sorted({e for e in g["epoch"] if e is not None})
+        epoch = ", ".join(f"{e:.3g}" for e in epochs) + f" of {g['epochs_run']:.3g}"
         lines.append(
-            f"| {r['model']} | {r['schedule']} | {r['rec']:.2f} | {r['kl']:.2f} | "
-            f"{r['neg_elbo']:.2f} | {r['ppl']:.2f} | {epoch} |"
+            f"| {g['model']} | {g['schedule']} | {g['n']} | " + " | ".join(cells) + f" | {epoch} |"
         )
     return "\n".join(lines)
 
 
+def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -> None:
+    """Per-epoch valid KL and PPL bound of each row, mean ± std over its runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for g in groups:
+        curves = []
+        for run in g["runs"]:
+            records = [r for r in writers.read_metrics(run["workdir"]) if "valid_kl" in r]
+            curves.append({r["epoch"]: (r["valid_kl"], r["valid_ppl_bound"]) for r in records})
+        epochs = sorted(set.intersection(*(set(c) for c in curves)))
+        if max_epoch is not None:
+            epochs = [e for e in epochs if e <= max_epoch + 1e-9]
+        if not epochs:
+            continue
+        values = np.array([[c[e] for e in epochs] for c in curves])  # (runs, epochs, 2)
+        for i, ax in enumerate(axes):
+            mean, std = values[..., i].mean(0), values[..., i].std(0)
+            line = ax.plot(epochs, mean, label=f"{g['model']} {g['schedule']} (n={g['n']})")
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=line[0].get_color())
+    axes[0].set_title("valid KL (nats)")
+    axes[1].set_title("valid PPL bound")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workdirs", nargs="+")
+    parser.add_argument("workdirs", nargs="+", help="Runs, populations or sweeps.")
     parser.add_argument("--split", default="test")
     parser.add_argument("--select", choices=("best", "last"), default="best")
+    parser.add_argument("--max_epoch", type=float, help="Only epochs up to this one.")
     parser.add_argument("--out", help="Also write the rows as JSON here.")
+    parser.add_argument("--markdown", help="Also write the table as Markdown here.")
+    parser.add_argument("--plot", help="Also draw the learning curves into this PNG.")
     args = parser.parse_args()
-    rows = [row(w, args.split, args.select) for w in args.workdirs]
-    print(markdown(rows, args.split))
+    dirs = [d for path in args.workdirs for d in run_dirs(path)]
+    groups = grouped([row(d, args.split, args.select, args.max_epoch) for d in dirs])
+    table = markdown(groups, args.split)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(groups, f, indent=2)
+    if args.plot:
+        plot_curves(groups, args.plot, args.max_epoch)
 
 
 if __name__ == "__main__":

@@ -131,3 +131,15 @@ def test_text_population_keeps_each_members_best(tmp_path):
         assert runs.best_ppl_bound(member_dir) == min(valid)
         lrs = {r["lr"] for r in records if "lr" in r}
         assert max(lrs) == pytest.approx((1e-3, 3e-3)[k])
+    # The Table 1 report reads a population as its members: one row, mean ± std over them.
+    import ptb_table  # experiments/ptb_table.py (on sys.path via conftest)
+
+    dirs = ptb_table.run_dirs(workdir)
+    assert dirs == [population.member_dir(workdir, k) for k in range(2)]
+    (group,) = ptb_table.grouped([ptb_table.row(d, "test", "best") for d in dirs])
+    assert group["n"] == 2 and group["kl_std"] is not None
+    tests = [ptb_table.row(d, "test", "best")["kl"] for d in dirs]
+    assert group["kl"] == pytest.approx(np.mean(tests))
+    assert "± " in ptb_table.markdown([group], "test")
+    ptb_table.plot_curves([group], str(tmp_path / "curves.png"))
+    assert os.path.getsize(tmp_path / "curves.png") > 0

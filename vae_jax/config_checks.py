@@ -11,7 +11,7 @@ import os
 
 import ml_collections
 
-from vae_jax import input_pipeline, objectives, population, schedules
+from vae_jax import input_pipeline, kernels, objectives, population, schedules
 from vae_jax.datasets import text
 
 _SCHEDULE_VALUES = ("value", "init_value", "start", "stop")
@@ -67,6 +67,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _fail("model.bn_gamma", gamma, "must be a finite number >= 0 (0: no BN-VAE)")
     if not 0.0 <= momentum < 1.0:
         _fail("model.bn_momentum", momentum, "must be in [0, 1)")
+    if config.model.get("kernels", "auto") not in kernels.KERNELS:
+        _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
     if not config.model.init_scale > 0:
         _fail("model.init_scale", config.model.init_scale, "must be > 0")
     if not config.grad_clip_norm > 0:

@@ -11,10 +11,19 @@ that XLA's CPU backend runs it near the matmul peak:
 - `threefry2x32` / `dropout`: dropout masks from Threefry-2x32 written as fusible integer ops,
   the same bits as ``jax.random.bernoulli``.
 
+`implementation(name)` returns the set a model uses: ``"cpu"`` (the above) or ``"plain"``
+(textbook `jnp` code differentiated by `jax.grad`, ``jax.random.bernoulli`` masks: what XLA's
+GPU and TPU backends are tuned for, and any PRNG implementation); ``"auto"`` picks ``cpu`` on
+the CPU backend and ``plain`` elsewhere. Both give the same parameters, values and gradients
+(to float rounding; tested), so a checkpoint moves between them.
+
 Nothing here knows about VAEs; every model module may use these.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +70,14 @@ def batched_affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarra
     return affine(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[-1])
 
 
+def plain_affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """x (…, D) @ w (D, M) + b, differentiated by JAX."""
+    return x @ w + b
+
+
 class FusedBiasDense(nn.Module):
-    """`nn.Dense` (same parameters: ``kernel`` (D, M), ``bias`` (M,)) computed by `affine`.
+    """`nn.Dense` (same parameters: ``kernel`` (D, M), ``bias`` (M,)) computed by `affine`
+    (``fused``; else `plain_affine`).
 
     ``nn.Dense`` adds its bias outside ``dot_general``, where the bias gradient cannot join the
     kernel gradient's matmul.
@@ -71,12 +86,13 @@ class FusedBiasDense(nn.Module):
     features: int
     kernel_init: nn.initializers.Initializer
     bias_init: nn.initializers.Initializer
+    fused: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
-        return batched_affine(x, kernel, bias)
+        return (batched_affine if self.fused else plain_affine)(x, kernel, bias)
 
 
 def _cell(gates: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -159,6 +175,13 @@ def _lstm_scan_bwd(residuals, d_hs):
 lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
 
 
+def plain_lstm_scan(
+    input_gates: jnp.ndarray, w_hh: jnp.ndarray, h0: jnp.ndarray, c0: jnp.ndarray
+) -> jnp.ndarray:
+    """`lstm_scan` as a plain `jax.lax.scan`, its backward pass left to JAX."""
+    return jnp.swapaxes(_lstm_forward(input_gates, w_hh, h0, c0)[0], 0, 1)
+
+
 def lstm_step(
     input_gates: jnp.ndarray, w_hh: jnp.ndarray, h: jnp.ndarray, c: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -206,16 +229,40 @@ def _raw_threefry_keys(keys: jnp.ndarray) -> jnp.ndarray:
     return keys
 
 
+def plain_dropout(x: jnp.ndarray, rate: float, keys: jnp.ndarray | None) -> jnp.ndarray:
+    """`dropout` from ``jax.random.bernoulli(fold_in(keys[b], t), 1 − rate, (D,))``: the same
+    masks for threefry keys, and any other PRNG implementation's keys (e.g. ``rbg``)."""
+    if keys is None or rate == 0.0:
+        return x
+    steps, dims = x.shape[1], x.shape[2]
+
+    def masks(key):
+        step_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(steps))
+        return jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, (dims,)))(step_keys)
+
+    keep = jax.vmap(masks)(keys)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _is_threefry(keys: jnp.ndarray) -> bool:
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        return "threefry" in str(jax.random.key_impl(keys))
+    return keys.dtype == jnp.uint32 and keys.shape[-1:] == (2,)
+
+
 def dropout(x: jnp.ndarray, rate: float, keys: jnp.ndarray | None) -> jnp.ndarray:
     """Inverted dropout on (B, T, D) with one key per example; identity if keys is None.
 
     Element (t, d) of example b is kept with probability 1 − rate, exactly where
     ``jax.random.bernoulli(jax.random.fold_in(keys[b], t), 1 − rate, (D,))[d]`` is true (the
     same bits, from `threefry2x32`; a test checks it). Step t's mask depends on t alone, not
-    on how far the row is padded: bucket padding leaves training with dropout unchanged.
+    on how far the row is padded: bucket padding leaves training with dropout unchanged. Keys
+    of another PRNG implementation (``JAX_DEFAULT_PRNG_IMPL=rbg``) take `plain_dropout`.
     """
     if keys is None or rate == 0.0:
         return x
+    if not _is_threefry(keys):
+        return plain_dropout(x, rate, keys)
     keys = _raw_threefry_keys(keys)
     _, steps, dims = x.shape
     zero = jnp.uint32(0)
@@ -230,3 +277,27 @@ def dropout(x: jnp.ndarray, rate: float, keys: jnp.ndarray | None) -> jnp.ndarra
     mantissa = (bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000)
     uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
     return jnp.where(uniform < jnp.float32(1.0 - rate), x / (1.0 - rate), 0.0)
+
+
+class Kernels(NamedTuple):
+    """The layers a model is built from; `implementation` gives the CPU-tuned or plain set."""
+
+    fused_dense: bool
+    affine: Callable
+    lstm_scan: Callable
+    dropout: Callable
+
+
+KERNELS = ("auto", "cpu", "plain")
+
+
+def implementation(name: str) -> Kernels:
+    """``cpu``: the custom-VJP kernels above; ``plain``: `plain_affine`, `plain_lstm_scan`,
+    `plain_dropout`; ``auto``: ``cpu`` on the CPU backend, ``plain`` elsewhere."""
+    if name == "auto":
+        name = "cpu" if jax.default_backend() == "cpu" else "plain"
+    if name == "cpu":
+        return Kernels(True, batched_affine, lstm_scan, dropout)
+    if name == "plain":
+        return Kernels(False, plain_affine, plain_lstm_scan, plain_dropout)
+    raise ValueError(f"config.model.kernels={name!r}: must be one of {KERNELS}.")

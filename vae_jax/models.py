@@ -6,8 +6,8 @@
 
 Token layout (`vae_jax.tokens`): a sequence is ``<s> w₁ … w_n </s>`` followed by ``<pad>``. The
 encoder reads all of it up to ``</s>``; the decoder reads ``<s> w₁ … w_n`` and predicts
-``w₁ … w_n </s>``. The layers are `vae_jax.kernels`' CPU-tuned ones (a test checks the model
-against a plain formulation).
+``w₁ … w_n </s>``. The layers are `vae_jax.kernels`' (``kernels``: CPU-tuned custom VJPs, or
+plain code for GPU/TPU; a test checks the model against a plain formulation).
 
 Noise is per example: every stochastic method takes ``keys``, one PRNG key per example (shape
 ``(B, 2)``), so an example's z sample and dropout masks do not depend on which other examples
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vae_jax.kernels import FusedBiasDense, batched_affine, dropout, lstm_scan, lstm_step
+from vae_jax import kernels
+from vae_jax.kernels import FusedBiasDense, lstm_step
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
 
 
@@ -53,12 +54,18 @@ class VAE(nn.Module):
     bn_gamma: float = 0.0
     bn_momentum: float = 0.9
     bn_axis_name: str | None = None
+    # The layers' implementation (`vae_jax.kernels.implementation`): "cpu" (custom VJPs tuned
+    # for XLA:CPU), "plain" (jax.grad of plain code: GPU/TPU), "auto" (by backend).
+    kernels: str = "auto"
 
     def setup(self):
         init = uniform_init(self.init_scale)
+        self.k = kernels.implementation(self.kernels)
 
         def dense(features: int, name: str) -> FusedBiasDense:
-            return FusedBiasDense(features, kernel_init=init, bias_init=init, name=name)
+            return FusedBiasDense(
+                features, kernel_init=init, bias_init=init, fused=self.k.fused_dense, name=name
+            )
 
         h_enc, h_dec = self.enc_hidden_dim, self.dec_hidden_dim
         self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
@@ -99,7 +106,7 @@ class VAE(nn.Module):
         batch = tokens.shape[0]
         gates = self.enc_input(self.enc_embed(tokens))
         zeros = jnp.zeros((batch, self.enc_hidden_dim), gates.dtype)
-        hs = lstm_scan(gates, self.enc_w_hh, zeros, zeros)
+        hs = self.k.lstm_scan(gates, self.enc_w_hh, zeros, zeros)
         # Padding comes after the last true token, so the state there has not seen any of it.
         last = jnp.maximum(sequence_lengths(tokens) - 1, 0)
         h_last = hs[jnp.arange(batch), last]
@@ -154,12 +161,12 @@ class VAE(nn.Module):
         if dropout_keys is not None:
             keys_in = jax.vmap(jax.random.fold_in, (0, None))(dropout_keys, 0)
             keys_out = jax.vmap(jax.random.fold_in, (0, None))(dropout_keys, 1)
-        emb = dropout(self.dec_embed(tokens[:, :-1]), self.dec_dropout_in, keys_in)
+        emb = self.k.dropout(self.dec_embed(tokens[:, :-1]), self.dec_dropout_in, keys_in)
         w_emb, w_z = jnp.split(self.dec_w_in, [self.dec_emb_dim])
-        gates = batched_affine(emb, w_emb, self.dec_b_in) + (z @ w_z)[:, None, :]
+        gates = self.k.affine(emb, w_emb, self.dec_b_in) + (z @ w_z)[:, None, :]
         h0 = self.dec_h0(z)
-        hs = lstm_scan(gates, self.dec_w_hh, h0, jnp.zeros_like(h0))
-        return self.dec_output(dropout(hs, self.dec_dropout_out, keys_out))
+        hs = self.k.lstm_scan(gates, self.dec_w_hh, h0, jnp.zeros_like(h0))
+        return self.dec_output(self.k.dropout(hs, self.dec_dropout_out, keys_out))
 
     def log_likelihood(self, tokens: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
         """log p(x|z) = Σ_t log p(x_t | x_<t, z) of each sentence under each of its k samples.

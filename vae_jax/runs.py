@@ -234,7 +234,7 @@ def best_ppl_bound(workdir: str) -> float:
 
 def check_params(model: models.VAE, params: Any, where: str) -> None:
     """Raises ``ValueError`` naming ``where`` unless ``params`` has the shapes ``model`` makes."""
-    tokens, keys = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.uint32)
+    tokens, keys = jnp.zeros((1, 2), jnp.int32), jax.random.split(jax.random.PRNGKey(0), 1)
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, keys, train=False))
     want = {
         jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)
