@@ -96,6 +96,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     # Layer implementation (vae_jax.kernels): "cpu" (custom VJPs tuned for XLA:CPU), "plain"
     # (jax.grad of plain code, for GPU/TPU), "auto" (cpu on the CPU backend, else plain).
     config.model.kernels = "auto"
+    # The large matmuls' operand type: "float32", or "bfloat16" (mixed precision: float32
+    # parameters, accumulation, LSTM cell and softmax).
+    config.model.dtype = "float32"
     # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
     config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
     config.model.bn_momentum = 0.9

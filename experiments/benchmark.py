@@ -30,7 +30,9 @@ embedding E, hidden H, latent Z, vocabulary V; a matmul of m×k by k×n costs 2m
 Elementwise work (gates, softmax, Adam) is not counted: the fraction of peak is a lower bound.
 
 The ``*_plain`` rows are the same model with ``kernels="plain"`` (`vae_jax.kernels`: jax.grad of
-plain code, what ``auto`` picks on GPU/TPU), to show what the CPU kernels buy here.
+plain code, what ``auto`` picks on GPU/TPU), to show what the CPU kernels buy here; ``*_bf16``
+rows use bfloat16 matmul operands (``model.dtype``; FLOPs counted as for float32, the fraction of
+the float32 peak can then exceed 1).
 
 The population rows (``ptb_23_pop<K>``) time one vmapped step of K members at the PTB size
 (`train.make_p_population_step`), FLOPs K × one step; ``ms_per_member`` = ms / K. On a CPU the
@@ -71,8 +73,15 @@ CONFIGS = {
     "ptb_40": (256, 256, 32, 10_002, 32, 40),
     "savae_size_23": (512, 1024, 32, 10_002, 32, 23),
 }
-# The PTB model with the plain layers (`vae_jax.kernels`, for GPU/TPU) instead of the CPU ones.
-PLAIN = {"ptb_23_plain": "ptb_23", "ptb_40_plain": "ptb_40"}
+# The PTB model with other layers (`vae_jax.kernels`): plain (for GPU/TPU) instead of the CPU
+# ones, and bfloat16 matmul operands; name: (base config, kernels, dtype).
+VARIANTS = {
+    "ptb_23_plain": ("ptb_23", "plain", "float32"),
+    "ptb_40_plain": ("ptb_40", "plain", "float32"),
+    "ptb_23_bf16": ("ptb_23", "cpu", "bfloat16"),
+    "ptb_23_plain_bf16": ("ptb_23", "plain", "bfloat16"),
+    "savae_size_23_bf16": ("savae_size_23", "cpu", "bfloat16"),
+}
 # Populations (`vae_jax.population`) of K members at the PTB size, one vmapped step.
 POPULATIONS = {f"ptb_23_pop{k}": k for k in (1, 2, 4, 8)}
 
@@ -109,7 +118,7 @@ def matmul_peak(n: int = 2048, repeats: int = 20) -> float:
 
 
 def model_config(
-    emb: int, hidden: int, latent: int, kernels: str = "cpu"
+    emb: int, hidden: int, latent: int, kernels: str = "cpu", dtype: str = "float32"
 ) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
@@ -124,8 +133,10 @@ def model_config(
             init_scale=0.1,
         )
     )
-    if kernels != "cpu":  # older revisions (ab_step.py) have only the CPU kernels
+    if kernels != "cpu":  # older revisions (ab_step.py) have only the CPU float32 kernels
         config.model.kernels = kernels
+    if dtype != "float32":
+        config.model.dtype = dtype
     config.grad_clip_norm = 5.0
     config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
     return config
@@ -202,7 +213,7 @@ def population_step_call(name: str) -> Callable[[], dict]:
     emb, hidden, latent, vocab, batch, length = CONFIGS["ptb_23"]
     members = []
     for k in range(POPULATIONS[name]):
-        config = model_config(emb, hidden, latent)
+        config = model_config(emb, hidden, latent, kernels="auto")
         config.update(seed=k, schedule_unit="steps", objective="beta_elbo")
         config.beta_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1.0})
         config.lr_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1e-3})
@@ -231,8 +242,9 @@ def train_step_call(name: str) -> Callable[[], dict]:
     each call runs one step on the same random batch and returns its metrics (not waited for)."""
     if name in POPULATIONS:
         return population_step_call(name)
-    emb, hidden, latent, vocab, batch, length = CONFIGS[PLAIN.get(name, name)]
-    config = model_config(emb, hidden, latent, "plain" if name in PLAIN else "cpu")
+    base, kernels, dtype = VARIANTS.get(name, (name, "cpu", "float32"))
+    emb, hidden, latent, vocab, batch, length = CONFIGS[base]
+    config = model_config(emb, hidden, latent, kernels, dtype)
     model = _make_model(config, vocab)
     beta_fn = lr_fn = lambda step: jnp.float32(1e-3)  # noqa: E731
     state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
@@ -272,7 +284,7 @@ def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None
         with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
             timed(call, PROFILED_STEPS)
     members = POPULATIONS.get(name, 1)
-    sizes = CONFIGS["ptb_23" if name in POPULATIONS else PLAIN.get(name, name)]
+    sizes = CONFIGS["ptb_23" if name in POPULATIONS else VARIANTS.get(name, (name,))[0]]
     emb, hidden, latent, _, batch, length = sizes
     flops = members * step_flops(*sizes)
     row = summarize(name, (emb, hidden, latent, batch, length), timing, flops)
@@ -363,7 +375,7 @@ def main() -> None:
         parser.error(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} >= 0")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)  # an unwritable folder fails here, not later
-    known = [*CONFIGS, *PLAIN, *POPULATIONS, "iwnll_k500"]
+    known = [*CONFIGS, *VARIANTS, *POPULATIONS, "iwnll_k500"]
     names = [n for n in args.only.split(",") if n] or known
     unknown = set(names) - set(known)
     if unknown:

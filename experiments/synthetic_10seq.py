@@ -74,7 +74,8 @@ def run_schedule(variant: str, args, snapshot_steps):
     config.num_train_steps = args.steps
     config.seed = args.seed
     config.data.seed = args.seed
-    config.population_size = args.seeds
+    seeds = getattr(args, "seeds", 1)  # remedies_table.py passes its own arguments
+    config.population_size = seeds
     workdir = os.path.join(args.out, variant)
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, not a resumed one
     snapshots = {}
@@ -82,7 +83,7 @@ def run_schedule(variant: str, args, snapshot_steps):
     def keep_params(step, state):
         if step in snapshot_steps:  # the first seed's
             params = jax.device_get(jax_utils.unreplicate(state.params))
-            snapshots[step] = jax.tree.map(lambda x: x[0], params) if args.seeds > 1 else params
+            snapshots[step] = jax.tree.map(lambda x: x[0], params) if seeds > 1 else params
 
     start = time.time()
     state = train.train_and_evaluate(config, workdir, callbacks=[keep_params])

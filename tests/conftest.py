@@ -59,3 +59,14 @@ def run_python(args, *, timeout=300, env=None, cwd=REPO) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drops JAX's in-memory executables after each test module: every one keeps its machine
+    code mapped, and one process holding the whole suite's ran into the kernel's limit on
+    memory mappings (vm.max_map_count, 65,530 here) and aborted."""
+    yield
+    import jax  # here: the cache settings above must come before jax is imported
+
+    jax.clear_caches()

@@ -11,10 +11,11 @@ from conftest import run_python
 from vae_jax import forward, kernels, models, objectives
 
 
-def _loss_and_grads(kernel_name: str, dropout: float):
+def _loss_and_grads(kernel_name: str, dropout: float, dtype: str = "float32"):
     model = models.VAE(
         vocab_size=30, enc_emb_dim=8, enc_hidden_dim=16, dec_emb_dim=8, dec_hidden_dim=16,
         latent_dim=4, dec_dropout_in=dropout, dec_dropout_out=dropout, kernels=kernel_name,
+        dtype=dtype,
     )  # fmt: skip
     rng = np.random.default_rng(0)
     tokens = rng.integers(4, 30, size=(6, 9)).astype(np.int32)
@@ -74,8 +75,31 @@ print(json.dumps({"impl": str(jax.random.key_impl(jax.random.key(0))),
 
 def test_training_runs_with_the_rbg_prng(tmp_path):
     out = run_python(
-        ["-c", RBG_SCRIPT, str(tmp_path / "run")], env={"JAX_DEFAULT_PRNG_IMPL": "rbg"}
+        ["-c", RBG_SCRIPT, str(tmp_path / "run")],
+        # Not through the suite's compilation cache: other PRNG, other executables.
+        env={"JAX_DEFAULT_PRNG_IMPL": "rbg", "JAX_ENABLE_COMPILATION_CACHE": "false"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "rbg" in result["impl"] and result["step"] == 6
+
+
+@pytest.mark.parametrize("kernel_name", ["cpu", "plain"])
+def test_bfloat16_matmuls_stay_close_to_float32(kernel_name):
+    _, (loss32, grads32) = _loss_and_grads(kernel_name, 0.5)
+    _, (loss16, grads16) = _loss_and_grads(kernel_name, 0.5, dtype="bfloat16")
+    assert loss16.dtype == jnp.float32  # parameters, accumulation and the loss stay float32
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+    flat32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads32)])
+    flat16 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads16)])
+    cosine = flat16 @ flat32 / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32))
+    assert cosine > 0.99
+    assert not np.array_equal(flat16, flat32)  # bfloat16 was used
+
+
+def test_both_kernels_agree_in_bfloat16():
+    _, (loss_cpu, grads_cpu) = _loss_and_grads("cpu", 0.5, dtype="bfloat16")
+    _, (loss_plain, grads_plain) = _loss_and_grads("plain", 0.5, dtype="bfloat16")
+    np.testing.assert_allclose(loss_cpu, loss_plain, rtol=1e-3)
+    for a, b in zip(jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-3)

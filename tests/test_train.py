@@ -115,11 +115,11 @@ def test_batch_size_must_divide_over_devices(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"config.batch_size=0: must be a positive integer"):
         train.train_and_evaluate(config, str(tmp_path))
     # Three devices cannot split batches of 8; checked before any data is read or compiled.
-    monkeypatch.setattr(train.jax, "local_device_count", lambda: 3)
+    monkeypatch.setattr(train.jax, "device_count", lambda: 3)  # all processes' devices
     with pytest.raises(ValueError, match=r"config.batch_size=8: must be a multiple of the 3"):
         train.train_and_evaluate(tiny_synthetic_config(), str(tmp_path))
     assert not os.path.exists(tmp_path / "config.json")
-    monkeypatch.setattr(train.jax, "local_device_count", lambda: 2)
+    monkeypatch.setattr(train.jax, "device_count", lambda: 2)
     config = tiny_synthetic_config(eval_batch_size=3)
     with pytest.raises(ValueError, match=r"config.eval_batch_size=3: must be a multiple of the 2"):
         train.train_and_evaluate(config, str(tmp_path))

@@ -166,8 +166,13 @@ class Checkpointer:
         """Moves checkpoint ``step`` out of the way (it would otherwise block a new save at
         that step); returns where it went."""
         target = os.path.join(os.path.dirname(self.directory), CORRUPT, f"{step}-{time.time():.0f}")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_index() == 0:  # a multi-process run's other processes wait for it
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine {step}")
         self._manager.reload()
         return target
 

@@ -36,7 +36,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _positive_int(config, field)
     for field in ("batch_size", "eval_batch_size"):
         if config[field] % num_devices:
-            _fail(field, config[field], f"must be a multiple of the {num_devices} local devices")
+            _fail(
+                field,
+                config[field],
+                f"must be a multiple of the {num_devices} devices (of all processes)",
+            )
     if config.get("num_epochs", -1) > 0:
         _positive_int(config, "num_epochs")
     else:
@@ -69,6 +73,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _fail("model.bn_momentum", momentum, "must be in [0, 1)")
     if config.model.get("kernels", "auto") not in kernels.KERNELS:
         _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
+    if config.model.get("dtype", "float32") not in kernels.DTYPES:
+        _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
     if not config.model.init_scale > 0:
         _fail("model.init_scale", config.model.init_scale, "must be > 0")
     if not config.grad_clip_norm > 0:

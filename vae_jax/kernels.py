@@ -22,6 +22,7 @@ Nothing here knows about VAEs; every model module may use these.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,9 +30,22 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+DTYPES = ("float32", "bfloat16")
 
-@jax.custom_vjp
-def affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+
+def dot(a: jnp.ndarray, b: jnp.ndarray, dtype: str = "float32") -> jnp.ndarray:
+    """a (…, K) @ b (K, N) with the operands in ``dtype`` (``bfloat16``: mixed precision) and
+    the product accumulated and returned in float32; the plain ``a @ b`` for float32."""
+    if dtype == "float32":
+        return a @ b
+    contract = (((a.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(
+        a.astype(dtype), b.astype(dtype), contract, preferred_element_type=jnp.float32
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray, dtype: str = "float32") -> jnp.ndarray:
     """x @ w + b for x (N, D), w (D, M), b (M,), whose backward pass keeps [xᵀ; 1].
 
     ∂w = xᵀ·g contracts the rows of both x and g. XLA's CPU backend computes that product by
@@ -40,39 +54,45 @@ def affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     under it gives ∂b = Σ_n g_n in the same product instead of another pass over g. The
     optimisation barrier keeps XLA from folding the transpose back into the product. Like every
     custom VJP here (`lstm_scan` too), it supports reverse mode to any order (SA-VAE
-    differentiates through gradients) but not forward mode (`jax.jvp`).
+    differentiates through gradients) but not forward mode (`jax.jvp`). ``dtype``: the
+    matmuls' operand type (`dot`), forward and backward.
     """
-    return x @ w + b
+    return dot(x, w, dtype) + b
 
 
-def _affine_fwd(x, w, b):
-    x_t1 = jnp.concatenate([x.T, jnp.ones((1, x.shape[0]), x.dtype)])
-    return x @ w + b, (jax.lax.optimization_barrier(x_t1), w)
+def _affine_fwd(x, w, b, dtype):
+    x_t1 = jnp.concatenate([x.T, jnp.ones((1, x.shape[0]), x.dtype)]).astype(dtype)
+    return dot(x, w, dtype) + b, (jax.lax.optimization_barrier(x_t1), w)
 
 
-def _affine_bwd(residuals, g):
+def _affine_bwd(dtype, residuals, g):
     x_t1, w = residuals
-    d_x = g @ w.T
+    d_x = dot(g, w.T, dtype)
     # A zero-weighted data dependency: ∂w waits for ∂x, so the layers below (the decoder's
     # backward loop, latency-bound) start at once and run beside ∂w's large product instead of
     # after it (XLA orders independent products as it likes). Exact: x + 0·d = x for finite d,
     # and a non-finite ∂x makes the whole gradient non-finite, a step the train step skips.
-    x_t1 = x_t1 + 0.0 * d_x[0, 0]
-    d_wb = x_t1 @ g
+    x_t1 = x_t1 + (0.0 * d_x[0, 0]).astype(x_t1.dtype)
+    d_wb = dot(x_t1, g, dtype)
     return d_x, d_wb[:-1], d_wb[-1]
 
 
 affine.defvjp(_affine_fwd, _affine_bwd)
 
 
-def batched_affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+def batched_affine(
+    x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray, dtype: str = "float32"
+) -> jnp.ndarray:
     """x (…, D) @ w (D, M) + b through `affine`, the leading axes flattened into rows."""
-    return affine(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[-1])
+    rows = affine(x.reshape(-1, x.shape[-1]), w, b, dtype)
+    return rows.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def plain_affine(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+def plain_affine(
+    x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray, dtype: str = "float32"
+) -> jnp.ndarray:
     """x (…, D) @ w (D, M) + b, differentiated by JAX."""
-    return x @ w + b
+    return dot(x, w, dtype) + b
 
 
 class FusedBiasDense(nn.Module):
@@ -87,12 +107,13 @@ class FusedBiasDense(nn.Module):
     kernel_init: nn.initializers.Initializer
     bias_init: nn.initializers.Initializer
     fused: bool = True
+    dtype: str = "float32"  # the matmul's operands (`dot`); parameters stay float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,))
-        return (batched_affine if self.fused else plain_affine)(x, kernel, bias)
+        return (batched_affine if self.fused else plain_affine)(x, kernel, bias, self.dtype)
 
 
 def _cell(gates: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
@@ -103,21 +124,26 @@ def _cell(gates: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray,
     return o * jnp.tanh(c), c, jnp.concatenate([i, f, g, o], axis=-1)
 
 
-def _lstm_forward(input_gates, w_hh, h0, c0):
+def _lstm_forward(input_gates, w_hh, h0, c0, dtype="float32"):
     """The scan of `lstm_scan`, time-major, also returning c_t and the activated gates."""
+    w_hh = w_hh.astype(dtype)  # once, not every step
 
     def cell(carry, x_t):
         h, c = carry
-        h, c, acts = _cell(x_t + h @ w_hh, c)
+        h, c, acts = _cell(x_t + dot(h, w_hh, dtype), c)
         return (h, c), (h, c, acts)
 
     _, (hs, cs, acts) = jax.lax.scan(cell, (h0, c0), jnp.swapaxes(input_gates, 0, 1))
     return hs, cs, acts
 
 
-@jax.custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def lstm_scan(
-    input_gates: jnp.ndarray, w_hh: jnp.ndarray, h0: jnp.ndarray, c0: jnp.ndarray
+    input_gates: jnp.ndarray,
+    w_hh: jnp.ndarray,
+    h0: jnp.ndarray,
+    c0: jnp.ndarray,
+    dtype: str = "float32",
 ) -> jnp.ndarray:
     """Runs an LSTM whose input projection W_x·x_t + b is already computed for every step.
 
@@ -127,22 +153,23 @@ def lstm_scan(
     Only the recurrent matmul stays inside the scan; the input projection is one large matmul
     outside it. The backward pass is written out (backpropagation through time): its loop
     carries ∂h and ∂c and emits each step's gate gradient δ_t; ∂W_h = Σ_t h_{t−1}ᵀ δ_t is then
-    one (H × BT)·(BT × 4H) matmul after the loop instead of T small ones inside it.
+    one (H × BT)·(BT × 4H) matmul after the loop instead of T small ones inside it. ``dtype``:
+    the matmuls' operand type (`dot`); the cell's elementwise math stays float32.
     """
-    return jnp.swapaxes(_lstm_forward(input_gates, w_hh, h0, c0)[0], 0, 1)
+    return jnp.swapaxes(_lstm_forward(input_gates, w_hh, h0, c0, dtype)[0], 0, 1)
 
 
-def _lstm_scan_fwd(input_gates, w_hh, h0, c0):
-    hs, cs, acts = _lstm_forward(input_gates, w_hh, h0, c0)
+def _lstm_scan_fwd(input_gates, w_hh, h0, c0, dtype):
+    hs, cs, acts = _lstm_forward(input_gates, w_hh, h0, c0, dtype)
     return jnp.swapaxes(hs, 0, 1), (hs, cs, acts, w_hh, h0, c0)
 
 
-def _lstm_scan_bwd(residuals, d_hs):
+def _lstm_scan_bwd(dtype, residuals, d_hs):
     hs, cs, acts, w_hh, h0, c0 = residuals  # time-major
     c_prev = jnp.concatenate([c0[None], cs[:-1]])
     # W_hᵀ materialised once: the loop's δ·W_hᵀ then reads its operand in order (on one core,
     # 192 instead of 246 µs a step at the PTB size).
-    w_hh_t = jax.lax.optimization_barrier(w_hh.T)
+    w_hh_t = jax.lax.optimization_barrier(w_hh.T.astype(dtype))
 
     def cell(carry, xs):
         dh_next, dc_next = carry
@@ -160,7 +187,7 @@ def _lstm_scan_bwd(residuals, d_hs):
             ],
             axis=-1,
         )
-        return (delta @ w_hh_t, dc * f), delta
+        return (dot(delta, w_hh_t, dtype), dc * f), delta
 
     (dh0, dc0), deltas = jax.lax.scan(
         cell, (jnp.zeros_like(h0), jnp.zeros_like(c0)),
@@ -168,7 +195,8 @@ def _lstm_scan_bwd(residuals, d_hs):
     )  # fmt: skip
     h_prev = jnp.concatenate([h0[None], hs[:-1]]).reshape(-1, hs.shape[-1])
     # h_prevᵀ materialised (small) so that XLA's CPU backend does not transpose δ instead.
-    d_w_hh = jax.lax.optimization_barrier(h_prev.T) @ deltas.reshape(-1, deltas.shape[-1])
+    h_prev_t = jax.lax.optimization_barrier(h_prev.T.astype(dtype))
+    d_w_hh = dot(h_prev_t, deltas.reshape(-1, deltas.shape[-1]), dtype)
     return jnp.swapaxes(deltas, 0, 1), d_w_hh, dh0, dc0
 
 
@@ -176,17 +204,25 @@ lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
 
 
 def plain_lstm_scan(
-    input_gates: jnp.ndarray, w_hh: jnp.ndarray, h0: jnp.ndarray, c0: jnp.ndarray
+    input_gates: jnp.ndarray,
+    w_hh: jnp.ndarray,
+    h0: jnp.ndarray,
+    c0: jnp.ndarray,
+    dtype: str = "float32",
 ) -> jnp.ndarray:
     """`lstm_scan` as a plain `jax.lax.scan`, its backward pass left to JAX."""
-    return jnp.swapaxes(_lstm_forward(input_gates, w_hh, h0, c0)[0], 0, 1)
+    return jnp.swapaxes(_lstm_forward(input_gates, w_hh, h0, c0, dtype)[0], 0, 1)
 
 
 def lstm_step(
-    input_gates: jnp.ndarray, w_hh: jnp.ndarray, h: jnp.ndarray, c: jnp.ndarray
+    input_gates: jnp.ndarray,
+    w_hh: jnp.ndarray,
+    h: jnp.ndarray,
+    c: jnp.ndarray,
+    dtype: str = "float32",
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """One step of the cell of `lstm_scan` (the same `_cell`): (h_t, c_t)."""
-    h, c, _ = _cell(input_gates + h @ w_hh, c)
+    h, c, _ = _cell(input_gates + dot(h, w_hh, dtype), c)
     return h, c
 
 
@@ -280,24 +316,37 @@ def dropout(x: jnp.ndarray, rate: float, keys: jnp.ndarray | None) -> jnp.ndarra
 
 
 class Kernels(NamedTuple):
-    """The layers a model is built from; `implementation` gives the CPU-tuned or plain set."""
+    """The layers a model is built from; `implementation` gives the CPU-tuned or plain set,
+    each with its matmuls' operand type bound (``dtype``)."""
 
     fused_dense: bool
+    dtype: str
     affine: Callable
     lstm_scan: Callable
+    lstm_step: Callable
     dropout: Callable
 
 
 KERNELS = ("auto", "cpu", "plain")
 
 
-def implementation(name: str) -> Kernels:
+def implementation(name: str, dtype: str = "float32") -> Kernels:
     """``cpu``: the custom-VJP kernels above; ``plain``: `plain_affine`, `plain_lstm_scan`,
-    `plain_dropout`; ``auto``: ``cpu`` on the CPU backend, ``plain`` elsewhere."""
+    `plain_dropout`; ``auto``: ``cpu`` on the CPU backend, ``plain`` elsewhere. ``dtype``: the
+    matmuls' operands (``float32``, or ``bfloat16`` with float32 accumulation)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={dtype!r}: must be one of {DTYPES}.")
     if name == "auto":
         name = "cpu" if jax.default_backend() == "cpu" else "plain"
+    step = functools.partial(lstm_step, dtype=dtype)
     if name == "cpu":
-        return Kernels(True, batched_affine, lstm_scan, dropout)
+        return Kernels(
+            True, dtype, functools.partial(batched_affine, dtype=dtype),
+            lambda *a: lstm_scan(*a, dtype), step, dropout,
+        )  # fmt: skip
     if name == "plain":
-        return Kernels(False, plain_affine, plain_lstm_scan, plain_dropout)
+        return Kernels(
+            False, dtype, functools.partial(plain_affine, dtype=dtype),
+            functools.partial(plain_lstm_scan, dtype=dtype), step, plain_dropout,
+        )  # fmt: skip
     raise ValueError(f"config.model.kernels={name!r}: must be one of {KERNELS}.")

@@ -3,6 +3,10 @@
     python -m vae_jax.main --config=configs/synthetic.py:cyclical --workdir=runs/synth
     python -m vae_jax.main --config=configs/synthetic.py:monotonic --workdir=runs/m \
         --config.num_train_steps=2000
+
+Several processes (`vae_jax.distributed`): the same command on each, plus
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``, or ``--distributed=auto``
+where JAX finds them itself (TPU pod slices, SLURM).
 """
 
 from vae_jax import host
@@ -13,7 +17,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vae_jax import cli, train  # noqa: E402
+from vae_jax import cli, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
@@ -28,10 +32,20 @@ flags.DEFINE_bool(
     False,
     "Continue a workdir whose saved config differs from --config (the keys are listed).",
 )
+flags.DEFINE_string("coordinator_address", "", "Multi-process: process 0's host:port.")
+flags.DEFINE_integer("num_processes", 1, "Multi-process: how many processes.", lower_bound=1)
+flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.", lower_bound=0)
+flags.DEFINE_enum(
+    "distributed", "off", ["off", "auto"],
+    "auto: jax.distributed.initialize() finds the processes (TPU pod slices, SLURM).",
+)  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(fv: flags.FlagValues) -> None:
+    distributed.initialize(
+        fv.coordinator_address, fv.num_processes, fv.process_id, auto=fv.distributed == "auto"
+    )
     logging.info("Config:\n%s", fv.config)
     train.train_and_evaluate(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
 

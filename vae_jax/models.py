@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from vae_jax import kernels
-from vae_jax.kernels import FusedBiasDense, lstm_step
+from vae_jax.kernels import FusedBiasDense
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
 
 
@@ -57,23 +57,28 @@ class VAE(nn.Module):
     # The layers' implementation (`vae_jax.kernels.implementation`): "cpu" (custom VJPs tuned
     # for XLA:CPU), "plain" (jax.grad of plain code: GPU/TPU), "auto" (by backend).
     kernels: str = "auto"
+    # The large matmuls' operands (`kernels.dot`): "float32", or "bfloat16" (mixed precision:
+    # float32 parameters, accumulation, LSTM cell and softmax).
+    dtype: str = "float32"
 
     def setup(self):
         init = uniform_init(self.init_scale)
-        self.k = kernels.implementation(self.kernels)
+        self.k = kernels.implementation(self.kernels, self.dtype)
 
-        def dense(features: int, name: str) -> FusedBiasDense:
+        def dense(features: int, name: str, dtype: str = self.dtype) -> FusedBiasDense:
             return FusedBiasDense(
-                features, kernel_init=init, bias_init=init, fused=self.k.fused_dense, name=name
-            )
+                features, kernel_init=init, bias_init=init, fused=self.k.fused_dense,
+                dtype=dtype, name=name,
+            )  # fmt: skip
 
         h_enc, h_dec = self.enc_hidden_dim, self.dec_hidden_dim
         self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
         self.enc_input = dense(4 * h_enc, "enc_input")
         self.enc_w_hh = self.param("enc_w_hh", init, (h_enc, 4 * h_enc))
-        self.enc_logvar = dense(self.latent_dim, "enc_logvar")
+        # The latent heads stay float32: small products, and the posterior's precision.
+        self.enc_logvar = dense(self.latent_dim, "enc_logvar", "float32")
         if self.bn_gamma <= 0:
-            self.enc_mu = dense(self.latent_dim, "enc_mu")
+            self.enc_mu = dense(self.latent_dim, "enc_mu", "float32")
         else:
             # No bias before the normalisation: it would have no effect, its gradient being
             # float noise that Adam's 1/√v turns into steps of size lr.
@@ -91,7 +96,7 @@ class VAE(nn.Module):
         )
         self.dec_b_in = self.param("dec_b_in", init, (4 * h_dec,))
         self.dec_w_hh = self.param("dec_w_hh", init, (h_dec, 4 * h_dec))
-        self.dec_h0 = dense(h_dec, "dec_h0")
+        self.dec_h0 = dense(h_dec, "dec_h0", "float32")
         self.dec_output = dense(self.vocab_size, "dec_output")
 
     def encode(self, tokens: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -179,7 +184,7 @@ class VAE(nn.Module):
         """
         targets = tokens[:, 1:]
         w_emb, w_z = jnp.split(self.dec_w_in, [self.dec_emb_dim])
-        emb_gates = self.dec_embed(tokens[:, :-1]) @ w_emb  # (S, T, 4H)
+        emb_gates = kernels.dot(self.dec_embed(tokens[:, :-1]), w_emb, self.dtype)  # (S, T, 4H)
         z_gates = z @ w_z + self.dec_b_in  # (S, k, 4H)
         h0 = self.dec_h0(z)
         num_steps = jnp.max(sequence_lengths(tokens)) - 1
@@ -187,7 +192,7 @@ class VAE(nn.Module):
         def step(t, carry):
             h, c, total = carry
             gates = z_gates + jax.lax.dynamic_index_in_dim(emb_gates, t, 1)  # (S,1,4H) bcast
-            h, c = lstm_step(gates, self.dec_w_hh, h, c)
+            h, c = self.k.lstm_step(gates, self.dec_w_hh, h, c)
             logits = self.dec_output(h)  # (S, k, V)
             target = jax.lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)  # (S,)
             picked = jnp.take_along_axis(
@@ -221,7 +226,9 @@ class VAE(nn.Module):
 
         def step(carry, t):
             h, c, prev, done = carry
-            h, c = lstm_step(self.dec_embed(prev) @ w_emb + z_gates, self.dec_w_hh, h, c)
+            h, c = self.k.lstm_step(
+                kernels.dot(self.dec_embed(prev), w_emb, self.dtype) + z_gates, self.dec_w_hh, h, c
+            )
             # <pad> and <s> are never targets in training; they are not generated either.
             logits = self.dec_output(h).at[:, jnp.array([PAD_ID, BOS_ID])].set(-jnp.inf)
             if keys is None:

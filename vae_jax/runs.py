@@ -53,8 +53,11 @@ def eval_key(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    with open(os.path.join(workdir, CONFIG), "w", encoding="utf-8") as f:
+    """Writes ``config.json`` whole or not at all (a reader never sees half of it)."""
+    path = os.path.join(workdir, CONFIG)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=1))
+    os.replace(path + ".tmp", path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -23,7 +23,8 @@ and the data order of the base seed (``data_seed``; set it in the sweep to choos
 reader sees one run directory per entry. Jobs run as ``python -m vae_jax.main`` processes, one
 after another or ``--parallel=N`` at once, their output in ``WORKDIR/<job>.log``. Running the
 same command again resumes what is unfinished (training resumes exactly) and skips what is
-done (``WORKDIR/<job>/sweep_done.json``); ``--dry_run`` prints the plan and each command.
+done (``WORKDIR/<job>/sweep_done.json``); ``--dry_run`` prints the plan and each command
+(``--tpu=NAME``: also the ``gcloud … ssh --worker=all`` command of a TPU VM pod slice).
 """
 
 from __future__ import annotations
@@ -107,6 +108,15 @@ class Job:
     config: str  # --config
     overrides: dict[str, Any]  # --config.<field>
     members: list[str]  # the run names it trains, member k first
+
+    def pod_command(self, workdir: str, tpu: str, zone: str) -> list[str]:
+        """The command that runs this job on every worker of a TPU VM pod slice (the workdir
+        on a file system all workers mount; `vae_jax.distributed` finds the processes)."""
+        command = shlex.join(["python", *self.command(workdir)[1:], "--distributed=auto"])
+        return [
+            "gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}",
+            "--worker=all", f"--command=cd {shlex.quote(os.getcwd())} && {command}",
+        ]  # fmt: skip
 
     def command(self, workdir: str, allow_config_change: bool = False) -> list[str]:
         command = [sys.executable, "-m", "vae_jax.main", f"--config={self.config}"]
@@ -226,6 +236,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("dry_run", False, "Print the plan and commands only.", flag_values=fv)
     flags.DEFINE_integer("parallel", 1, "Jobs at once.", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("pack", True, "Pack runs differing in seed into populations.", flag_values=fv)
+    flags.DEFINE_string(
+        "tpu", "", "With --dry_run: also print each job's command for every worker of this TPU "
+        "VM pod slice.", flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_string("zone", "us-central2-b", "The --tpu's zone.", flag_values=fv)
     flags.DEFINE_bool(
         "allow_config_change", False, "Passed to each run (resume after a config change).",
         flag_values=fv,
@@ -241,6 +256,8 @@ def run(fv: flags.FlagValues) -> dict[str, int]:
         kind = f"population of {len(job.members)}" if len(job.members) > 1 else "single run"
         print(f"  {job.name} ({kind}): {', '.join(job.members)}")
         print(f"    {shlex.join(job.command(fv.workdir))}")
+        if fv.tpu:
+            print(f"    on {fv.tpu}: {shlex.join(job.pod_command(fv.workdir, fv.tpu, fv.zone))}")
     if fv.dry_run:
         return {}
     status = execute(jobs, fv.workdir, fv.parallel, fv.allow_config_change)

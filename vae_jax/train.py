@@ -4,16 +4,17 @@ Both steps get the model's objective and sums from `vae_jax.forward.apply`, the 
 pass; the run's workdir (saved config, resume, best parameters) is `vae_jax.runs`'.
 
 This module owns the device axis: steps are `jax.pmap`-ed (`make_p_train_step`,
-`make_p_eval_step`) over ``jax.local_device_count()`` devices; a global batch of B rows is split
-into equal shards. Each example's noise (its z sample
-and dropout masks) comes from ``fold_in(fold_in(state.rng, step), n)`` with n its position in the
-global batch, and gradients and statistics are summed over devices, so N devices compute what
-one device computes on the same global batch.
+`make_p_eval_step`) over every device of every process (`vae_jax.distributed`); a global batch
+of B rows is split into equal shards, each process feeding its own devices'. Each example's
+noise (its z sample and dropout masks) comes from ``fold_in(fold_in(state.rng, step), n)``
+with n its position in the global batch, and gradients and statistics are summed over
+devices, so N devices compute what one device computes on the same global batch.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 import signal
@@ -34,6 +35,7 @@ from flax.training import train_state
 from vae_jax import (
     checkpoints,
     config_checks,
+    distributed,
     forward,
     input_pipeline,
     metrics,
@@ -405,7 +407,9 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
 
 
 def shard(batch: input_pipeline.Batch, num_devices: int) -> input_pipeline.Batch:
-    """Splits the leading (global batch) axis into (devices, per-device batch)."""
+    """This process's rows of a global batch (all of them for one process;
+    `distributed.process_rows`), split into (local devices, per-device batch)."""
+    batch = distributed.process_rows(batch)
     return jax.tree.map(lambda x: x.reshape((num_devices, -1) + x.shape[1:]), batch)
 
 
@@ -534,9 +538,11 @@ def train_and_evaluate(
     ``callbacks`` are called as ``callback(step, state)`` after every step (replicated state).
     """
     num_devices = jax.local_device_count()
-    config_checks.check_config(config, num_devices)
+    config_checks.check_config(config, jax.device_count())  # all processes' devices
     os.makedirs(workdir, exist_ok=True)
-    with runs.WorkdirLock(workdir):  # a second process on this workdir stops here
+    # A second run on this workdir stops here; a multi-process run's primary holds the lock.
+    lock = runs.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext()
+    with lock:
         runs.check_workdir_config(config, workdir, allow_config_change)
         return _train_and_evaluate(config, workdir, callbacks, num_devices)
 
@@ -548,7 +554,12 @@ def _train_and_evaluate(
     num_devices: int,
 ) -> TrainState:
     data = input_pipeline.get_data(config)
-    runs.bind_data(config, data, workdir)  # a resumed run must see the data it started on
+    primary = distributed.is_primary()  # the one process that writes files besides checkpoints
+    if primary:
+        runs.bind_data(config, data, workdir)  # a resumed run must see the data it started on
+    distributed.sync("data.json")
+    if not primary:
+        runs.bind_data(config, data, workdir)  # only checks: the primary has written it
     steps_per_epoch = data.steps_per_epoch
     num_steps = run_length(config, steps_per_epoch)
     eval_every = eval_interval(config, steps_per_epoch)
@@ -582,14 +593,16 @@ def _train_and_evaluate(
     elif config.init_from:
         fresh = [init_params_from(config, model, s.params) for s in states]
         state = state.replace(params=stack_params(fresh) if is_population else fresh[0])
-    runs.save_config(config, workdir)
+    if primary:
+        runs.save_config(config, workdir)
     bests = []
     for member, directory in zip(members, dirs, strict=True):
-        if is_population:
-            os.makedirs(directory, exist_ok=True)
-            runs.save_config(member, directory)
-            runs.bind_data(member, data, directory)
-        runs.truncate_metrics(directory, start)
+        if primary:
+            if is_population:
+                os.makedirs(directory, exist_ok=True)
+                runs.save_config(member, directory)
+                runs.bind_data(member, data, directory)
+            runs.truncate_metrics(directory, start)
         bests.append(runs.best_ppl_bound(directory) if start else float("inf"))
 
     def meta(step: int) -> dict:
@@ -628,8 +641,8 @@ def _train_and_evaluate(
         """Member k's view of a step's metrics, (devices,) leaves as for a single run."""
         return jax.tree.map(lambda x: x[:, k], step_metrics) if is_population else step_metrics
 
-    writers_ = [writers.MetricWriter(d) for d in dirs]
-    progress = writers.Progress(num_steps, initial=start)
+    writers_ = [writers.MetricWriter(d) if primary else writers.NullWriter() for d in dirs]
+    progress = writers.Progress(num_steps, initial=start, enabled=None if primary else False)
     batches: Iterator = _prefetch(data.train(start), num_devices)
     pending: list = []
     tick = time.time()
@@ -662,7 +675,7 @@ def _train_and_evaluate(
                         record = _train_record([jax.tree.map(lambda x: x[0], v) for v in views])
                         record["steps_per_second"] = len(pending) / seconds
                         writer.write(step, record)
-                        if k == 0:
+                        if k == 0 and primary:
                             progress.update(step, record)
                         _check_nonfinite(views[-1], step, config, checkpointer, k, is_population)
                     pending, tick = [], time.time()
@@ -833,6 +846,8 @@ def _evaluate_and_keep_best(
     for k, directory in enumerate(dirs):
         if valid[k] < bests[k]:
             bests[k] = valid[k]
+            if not distributed.is_primary():
+                continue
             if host_params is None:
                 host_params = jax.device_get(jax_utils.unreplicate(state.params))
             params = (

@@ -45,6 +45,20 @@ class MetricWriter:
             self._tb.close()
 
 
+class NullWriter:
+    """`MetricWriter`'s interface, writing nothing: the non-primary processes of a multi-process
+    run (`vae_jax.distributed`)."""
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        del step, scalars
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(workdir: str) -> list[dict]:
     """The records of ``workdir/metrics.jsonl``, in order."""
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
