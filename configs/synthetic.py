@@ -38,6 +38,7 @@ import ml_collections
 from vae_jax import objectives, savae
 
 SCHEDULES = ("constant", "monotonic", "cyclical")
+CNN_LENGTH = 11  # the longest row after <s>: data.length words and </s>
 VARIANTS = (
     SCHEDULES
     + tuple(f"savae_{s}" for s in SCHEDULES)
@@ -99,6 +100,14 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     # The large matmuls' operand type: "float32", or "bfloat16" (mixed precision: float32
     # parameters, accumulation, LSTM cell and softmax).
     config.model.dtype = "float32"
+    # The encoder: "lstm", or "cnn" (vae_jax.models.VAE; configs/yelp.py's); z = μ when
+    # deterministic (an autoencoder: train it with β = 0).
+    config.model.encoder = "lstm"
+    config.model.cnn_filters = (300, 600, 900)
+    config.model.cnn_width = 5
+    config.model.cnn_stride = 2
+    config.model.cnn_length = CNN_LENGTH
+    config.model.deterministic = False
     # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
     config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
     config.model.bn_momentum = 0.9

@@ -395,3 +395,29 @@ def test_real_ptb_round_trip_and_reload(real_ptb) -> None:
         assert ds.vocab.decode(valid[i]) == " ".join(lines[i].split())
     again = text.load("ptb", source, tfds_dir)
     assert again.vocab == ds.vocab
+
+
+def test_concurrent_loads_build_once(tmp_path):
+    """Parallel jobs (a sweep's) loading one build at once: all succeed, one build is made."""
+    import subprocess
+    import sys
+
+    src = write_ptb(tmp_path / "src")
+    script = (
+        "import sys; from vae_jax.datasets import text; "
+        "ds = text.load('ptb', sys.argv[1], sys.argv[2]); print(len(ds.splits['train']))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(src), str(tmp_path / "tfds")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
+    builds = list((tmp_path / "tfds" / "vae_text").iterdir())
+    assert len([b for b in builds if b.is_dir() and b.name.startswith("ptb_")]) == 1

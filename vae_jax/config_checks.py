@@ -6,15 +6,19 @@ the value and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import ml_collections
 
-from vae_jax import input_pipeline, kernels, objectives, population, schedules
+from vae_jax import input_pipeline, kernels, models, objectives, population, schedules
 from vae_jax.datasets import text
 
 _SCHEDULE_VALUES = ("value", "init_value", "start", "stop")
+_MODEL_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(models.VAE) if f.name not in ("parent", "name")
+}
 _MODEL_SIZES = ("enc_emb_dim", "enc_hidden_dim", "dec_emb_dim", "dec_hidden_dim", "latent_dim")
 
 
@@ -73,6 +77,30 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _fail("model.bn_momentum", momentum, "must be in [0, 1)")
     if config.model.get("kernels", "auto") not in kernels.KERNELS:
         _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
+    # Fields a config leaves out take the model's defaults.
+    model = {**_MODEL_DEFAULTS, **config.model.to_dict()}
+    encoder = model["encoder"]
+    if encoder not in ("lstm", "cnn"):
+        _fail("model.encoder", encoder, "must be 'lstm' or 'cnn'")
+    if encoder == "cnn":
+        filters = tuple(model["cnn_filters"])
+        if not filters or any(
+            isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in filters
+        ):
+            _fail("model.cnn_filters", filters, "must be a non-empty tuple of positive integers")
+        for field in ("cnn_width", "cnn_stride", "cnn_length"):
+            value = model[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(f"model.{field}", value, "must be a positive integer")
+        length = model["cnn_length"]
+        if config.data.name != "synthetic" and config.data.max_length + 1 > length:
+            _fail(
+                "model.cnn_length", length,
+                f"the CNN window must hold the longest row, data.max_length="
+                f"{config.data.max_length} words plus </s>",
+            )  # fmt: skip
+        if config.data.name == "synthetic" and config.data.length + 1 > length:
+            _fail("model.cnn_length", length, "must be >= data.length + 1")
     if config.model.get("dtype", "float32") not in kernels.DTYPES:
         _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
     if not config.model.init_scale > 0:

@@ -1,4 +1,5 @@
-"""Input pipelines: global batches of ``{"tokens": int32 (B, L)}`` as numpy arrays.
+"""Input pipelines: global batches of ``{"tokens": int32 (B, L)}`` as numpy arrays (labelled
+corpora add ``"labels"``: int32 (B,), −1 on filler rows).
 
 A token row is ``<s> w₁ … w_n </s>`` then ``<pad>``. Rows that are all padding fill a batch to
 its fixed size and count for nothing in any objective or metric.
@@ -100,10 +101,12 @@ class LengthBatcher:
         batch_size: int,
         bucket_lengths: Sequence[int],
         seed: int = 0,
+        labels: np.ndarray | None = None,
     ):
         if not rows:
             raise ValueError("LengthBatcher: no sentences to batch.")
         self.rows = list(rows)
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.batch_size = batch_size
         self.seed = seed
         lengths = np.array([len(r) for r in self.rows])
@@ -126,13 +129,18 @@ class LengthBatcher:
         return batches
 
     def batch(self, indices: np.ndarray) -> Batch:
-        """The rows ``indices`` (one length) padded to their bucket, plus filler rows."""
+        """The rows ``indices`` (one length) padded to their bucket, plus filler rows; for a
+        labelled corpus also ``labels`` (B,), −1 on filler rows."""
         length = self.bucket(len(self.rows[indices[0]]))
         tokens = np.zeros((self.batch_size, length), np.int32)
         for i, index in enumerate(indices):
             row = self.rows[index]
             tokens[i, : len(row)] = row
-        return {"tokens": tokens}
+        if self.labels is None:
+            return {"tokens": tokens}
+        labels = np.full((self.batch_size,), -1, np.int32)
+        labels[: len(indices)] = self.labels[indices]
+        return {"tokens": tokens, "labels": labels}
 
     def epochs(self, start_epoch: int = 0, position: int = 0) -> Iterator[Batch]:
         """Every batch of epoch ``start_epoch`` from ``position`` on, then the next epochs."""
@@ -187,18 +195,23 @@ def get_text_data(config: ml_collections.ConfigDict) -> Data:
             stats.dropped_too_long,
             d.max_length,
         )
-    splits = {}
+    splits, labels = {}, {}
+    labelled = text.get_spec(d.name).labelled
     for name in (d.train_split, *d.eval_splits):
         split = dataset.splits[name]
         if len(split) == 0:
             raise ValueError(f"{d.name}: split {name!r} has no sentences to use.")
         splits[name] = [with_boundaries(s) for s in split.__getitems__(range(len(split)))]
+        labels[name] = split.labels() if labelled else None
     train = LengthBatcher(
-        splits[d.train_split], config.batch_size, d.bucket_lengths, data_seed(config)
-    )
+        splits[d.train_split], config.batch_size, d.bucket_lengths, data_seed(config),
+        labels=labels[d.train_split],
+    )  # fmt: skip
     eval_splits = {}
     for name in d.eval_splits:
-        batcher = LengthBatcher(splits[name], config.eval_batch_size, d.bucket_lengths)
+        batcher = LengthBatcher(
+            splits[name], config.eval_batch_size, d.bucket_lengths, labels=labels[name]
+        )
         eval_splits[name] = [batcher.batch(b) for b in batcher.plan()]
     return Data(
         vocab_size=len(dataset.vocab),

@@ -60,6 +60,17 @@ class VAE(nn.Module):
     # The large matmuls' operands (`kernels.dot`): "float32", or "bfloat16" (mixed precision:
     # float32 parameters, accumulation, LSTM cell and softmax).
     dtype: str = "float32"
+    # The encoder: "lstm" (above), or "cnn" (Fu et al.'s Yelp code, after Zhang et al. 2017):
+    # the row w₁ … w_n </s> at offset width − 1 in a fixed window of cnn_length + 2(width − 1)
+    # positions, then len(cnn_filters) VALID convolutions of width cnn_width, the first ones
+    # with stride cnn_stride and ReLU, the last spanning what is left (to length 1) with tanh.
+    encoder: str = "lstm"
+    cnn_filters: tuple[int, ...] = (300, 600, 900)
+    cnn_width: int = 5
+    cnn_stride: int = 2
+    cnn_length: int = 17  # the longest w₁ … w_n </s> the window holds
+    # A deterministic encoder (an autoencoder's): z = μ, no sampling (train with β = 0).
+    deterministic: bool = False
 
     def setup(self):
         init = uniform_init(self.init_scale)
@@ -73,8 +84,23 @@ class VAE(nn.Module):
 
         h_enc, h_dec = self.enc_hidden_dim, self.dec_hidden_dim
         self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
-        self.enc_input = dense(4 * h_enc, "enc_input")
-        self.enc_w_hh = self.param("enc_w_hh", init, (h_enc, 4 * h_enc))
+        if self.encoder == "cnn":
+            self.enc_conv = [
+                nn.Conv(
+                    features,
+                    (width,),
+                    strides=(stride,),
+                    padding="VALID",
+                    kernel_init=init,
+                    bias_init=init,
+                    name=f"enc_conv_{i}",
+                )  # fmt: skip
+                for i, (features, width, stride) in enumerate(self._cnn_layers())
+            ]
+            h_enc = self.cnn_filters[-1]
+        else:
+            self.enc_input = dense(4 * h_enc, "enc_input")
+            self.enc_w_hh = self.param("enc_w_hh", init, (h_enc, 4 * h_enc))
         # The latent heads stay float32: small products, and the posterior's precision.
         self.enc_logvar = dense(self.latent_dim, "enc_logvar", "float32")
         if self.bn_gamma <= 0:
@@ -99,6 +125,42 @@ class VAE(nn.Module):
         self.dec_h0 = dense(h_dec, "dec_h0", "float32")
         self.dec_output = dense(self.vocab_size, "dec_output")
 
+    def _cnn_layers(self) -> list[tuple[int, int, int]]:
+        """(filters, width, stride) of each convolution; the last one's width is what is left
+        of the window after the others (VALID), so that it ends at length 1."""
+        length = self.cnn_length + 2 * (self.cnn_width - 1)
+        layers = []
+        for features in self.cnn_filters[:-1]:
+            layers.append((features, self.cnn_width, self.cnn_stride))
+            length = (length - self.cnn_width) // self.cnn_stride + 1
+        if length < 1:
+            raise ValueError(
+                f"config.model.cnn_*: a window of {self.cnn_length} tokens is too short for "
+                f"{len(self.cnn_filters)} convolutions of width {self.cnn_width}, stride "
+                f"{self.cnn_stride}."
+            )
+        return [*layers, (self.cnn_filters[-1], length, 1)]
+
+    def cnn_features(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """The CNN encoder's (B, cnn_filters[-1]) features of rows ``<s> w … </s> <pad>…``.
+
+        Rows longer than ``cnn_length`` tokens after ``<s>`` are refused at trace time only
+        through their shape: the data's ``max_length`` must keep them within the window."""
+        body = tokens[:, 1:]  # w₁ … w_n </s> <pad> …
+        if body.shape[1] > self.cnn_length:
+            # Bucket padding beyond the window is all <pad>: sentences are shorter (the data's
+            # max_length keeps them so); cut it.
+            body = body[:, : self.cnn_length]
+        pad = self.cnn_width - 1
+        window = jnp.pad(
+            body, ((0, 0), (pad, pad + self.cnn_length - body.shape[1])), constant_values=PAD_ID
+        )
+        x = self.enc_embed(window)
+        for i, conv in enumerate(self.enc_conv):
+            x = conv(x)
+            x = jnp.tanh(x) if i == len(self.enc_conv) - 1 else jax.nn.relu(x)
+        return x[:, 0]
+
     def encode(self, tokens: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         """μ and log σ² of q(z|x), each (B, latent_dim), from the hidden state at ``</s>``
         (``train``: a BN-VAE's μ from batch statistics, else from its running ones)."""
@@ -109,12 +171,15 @@ class VAE(nn.Module):
     ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
         """`encode`, plus a BN-VAE's batch statistics of μ̂ in training (else ``{}``)."""
         batch = tokens.shape[0]
-        gates = self.enc_input(self.enc_embed(tokens))
-        zeros = jnp.zeros((batch, self.enc_hidden_dim), gates.dtype)
-        hs = self.k.lstm_scan(gates, self.enc_w_hh, zeros, zeros)
-        # Padding comes after the last true token, so the state there has not seen any of it.
-        last = jnp.maximum(sequence_lengths(tokens) - 1, 0)
-        h_last = hs[jnp.arange(batch), last]
+        if self.encoder == "cnn":
+            h_last = self.cnn_features(tokens)
+        else:
+            gates = self.enc_input(self.enc_embed(tokens))
+            zeros = jnp.zeros((batch, self.enc_hidden_dim), gates.dtype)
+            hs = self.k.lstm_scan(gates, self.enc_w_hh, zeros, zeros)
+            # Padding comes after the last true token: the state there has not seen any of it.
+            last = jnp.maximum(sequence_lengths(tokens) - 1, 0)
+            h_last = hs[jnp.arange(batch), last]
         logvar = self.enc_logvar(h_last)
         if self.bn_gamma <= 0:
             return self.enc_mu(h_last), logvar, {}
@@ -150,7 +215,10 @@ class VAE(nn.Module):
         }
 
     def sample(self, mu: jnp.ndarray, logvar: jnp.ndarray, keys: jnp.ndarray) -> jnp.ndarray:
-        """Reparameterised z = μ + σ ⊙ ε, ε ~ N(0, I) drawn from each example's key."""
+        """Reparameterised z = μ + σ ⊙ ε, ε ~ N(0, I) drawn from each example's key (μ itself
+        for a ``deterministic`` encoder)."""
+        if self.deterministic:
+            return mu
         eps = jax.vmap(lambda k: jax.random.normal(k, mu.shape[1:], mu.dtype))(keys)
         return mu + jnp.exp(0.5 * logvar) * eps
 

@@ -52,6 +52,7 @@ record counts, and rebuilds (with a warning naming the directory) a build that w
 
 import collections
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -91,6 +92,9 @@ class CorpusSpec:
         (every file name ends in ``.<label>``).
       vocab_from: where the vocabulary comes from, first available wins: a split name or
         ``"file:<name>"`` for a vocabulary file in the source directory.
+      file_specials: the vocabulary file's own special tokens besides ours and ``unk_token``
+        (e.g. ``<go>``, ``<eos>``), skipped: ids 0–3 are ours, the file's words follow in its
+        order.
     """
 
     name: str
@@ -100,6 +104,7 @@ class CorpusSpec:
     unk_token: str = UNK
     label_format: str = "none"
     vocab_from: tuple[str, ...] = ("train",)
+    file_specials: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.label_format not in _LABEL_FORMATS:
@@ -127,8 +132,12 @@ class CorpusSpec:
         return self.all_split_files() + vocab_files
 
     def signature(self) -> dict[str, Any]:
-        """JSON-normal description of the spec, recorded in the build's fingerprint."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-normal description of the spec, recorded in the build's fingerprint (fields
+        added since at their defaults left out, so older builds keep their fingerprints)."""
+        fields = dataclasses.asdict(self)
+        if not fields["file_specials"]:
+            del fields["file_specials"]
+        return json.loads(json.dumps(fields))
 
 
 def _suffix_label(file_name: str) -> int:
@@ -196,6 +205,21 @@ CORPORA: dict[str, CorpusSpec] = {
             optional_splits=("train",),
             label_format="suffix",
             vocab_from=("train", "valid"),
+        ),
+        # The first 10% of each Shen et al. file, as the cyclical-annealing paper's Yelp
+        # experiment preprocessed it (rare words already <unk>), with its vocabulary in its
+        # own id order: <pad> <go> <eos> <unk> then words, so that the words keep their ids.
+        CorpusSpec(
+            name="yelp_10pct",
+            folder=os.path.join("yelp_shen_sentiment", "first10pct"),
+            splits={
+                "train": ("sentiment.train.0", "sentiment.train.1"),
+                "valid": ("sentiment.dev.0", "sentiment.dev.1"),
+                "test": ("sentiment.test.0", "sentiment.test.1"),
+            },
+            label_format="suffix",
+            vocab_from=("file:vocab.txt",),
+            file_specials=("<go>", "<eos>"),
         ),
     )
 }
@@ -460,7 +484,7 @@ def _vocab_from_file(spec: CorpusSpec, path: Path, lines: list[str]) -> Vocab:
     seen = set(words)
     for lineno, line in enumerate(lines, start=1):
         fields = line.split()
-        if not fields or fields[0] in SPECIALS or fields[0] == spec.unk_token:
+        if not fields or fields[0] in (*SPECIALS, spec.unk_token, *spec.file_specials):
             continue  # the file's own specials map onto ours
         if fields[0] in seen:
             raise ValueError(f"{path}: line {lineno} repeats vocabulary word {fields[0]!r}")
@@ -669,6 +693,18 @@ class TextSplit:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.example(i)["ids"]
 
+    def labels(self) -> np.ndarray:
+        """Every sentence's label (int32, in split order); a ``ValueError`` for an unlabelled
+        corpus."""
+        out = []
+        for start in range(0, self._len, 1024):
+            indices = range(start, min(start + 1024, self._len))
+            chunk = self.source.__getitems__(list(indices))
+            if chunk and "label" not in chunk[0]:
+                raise ValueError(f"split {self.name!r} has no labels (an unlabelled corpus).")
+            out.extend(int(r["label"]) for r in chunk)
+        return np.asarray(out, np.int32)
+
     def __getitems__(self, indices: Sequence[int]) -> list[np.ndarray]:
         # One array_record read for the batch is several times faster than per-item reads.
         records = self.source.__getitems__([self._check(i) for i in indices])
@@ -794,6 +830,25 @@ def load(
     fingerprint = _current_fingerprint(spec, layout, max_length)
 
     config = _make_config(corpus, max_length, fingerprint_id(fingerprint))
+    os.makedirs(tfds_dir, exist_ok=True)
+    # Processes loading the same build at once (a sweep's parallel jobs) take turns: the
+    # first builds it, the others then find it prepared.
+    with open(os.path.join(os.fspath(tfds_dir), f"{config.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_or_open(spec, config, layout, fingerprint, source_dir, tfds_dir, max_length)
+
+
+def _build_or_open(
+    spec: CorpusSpec,
+    config: VaeTextConfig,
+    layout: _Layout,
+    fingerprint: dict,
+    source_dir: str | os.PathLike,
+    tfds_dir: str | os.PathLike,
+    max_length: int,
+) -> TextDataset:
+    """`load` once it holds the build's lock."""
+    corpus = spec.name
 
     def make_builder() -> VaeText:
         return VaeText(config=config, data_dir=os.fspath(tfds_dir), file_format="array_record")

@@ -1,0 +1,136 @@
+"""Yelp pre-training of Fu et al. (2019), Sec. 5.3 / Table 3 (the official ``semi`` code's setup).
+
+    python -m vae_jax.main --config=configs/yelp.py:cyclical --workdir=runs/yelp_cyclical
+    python -m vae_jax.main --config=configs/yelp.py:monotonic --workdir=runs/yelp_monotonic
+    python -m vae_jax.main --config=configs/yelp.py:ae --workdir=runs/yelp_ae
+    python -m vae_jax.main --config=configs/yelp.py:tiny --workdir=/tmp/yelp_tiny   # tests
+
+Reads the ``yelp_10pct`` corpus from ``config.data.data_dir`` (default
+``$VAE_JAX_DATA_DIR/yelp_shen_sentiment/first10pct``): the first 10% of each file of Shen et
+al.'s Yelp corpus as the official code preprocessed it (44,409 / 6,347 / 12,666 sentences,
+rare words already ``<unk>``, its 3,641-entry vocabulary in its own order), labels kept in the
+batches (``labels``: 0 negative, 1 positive) for the classifier; no label is used here.
+
+As the official code (``semi/semi_yelp_{ae,vae,cyc}_pre.py``, ``model_new.py``):
+- CNN encoder (``model.encoder = "cnn"``): the sentence in a window of 25 positions, three
+  VALID convolutions of width 5 (300 and 600 filters with stride 2 and ReLU, then 900 over
+  what is left, tanh), μ and log σ² by linear maps to a 256-dimensional z;
+- LSTM decoder: 256 units, 256-dimensional embeddings, [embedding; z] at every step,
+  h₀ = Dense(z), dropout 0.5 on the input embeddings and the LSTM outputs;
+- Adam 1e-4, no gradient clipping, batches of 32, 100 epochs, sentences of at most 15 words
+  (the official maxlen 17 counts </s> and drops the rest: none here);
+- ``:ae``: an autoencoder, z = μ deterministic and β = 0; lr × 0.99 every 2 epochs;
+- ``:monotonic``: β from 0 to 1 over the first 10 epochs; lr × 0.99 every 2 epochs;
+- ``:cyclical``: 10 cycles of 10 epochs, β rising linearly from 0 to 1 over the first half of
+  each (R = 0.5), then 1; the lr restarts at 1e-4 with each cycle and decays on a cosine
+  (updated every step);
+- ``:tiny``: ``:cyclical`` shrunk for tests (two epochs, small layers).
+
+Deviations from the official code, documented: the encoder and decoder have separate
+embeddings (the official code shares one row-normalised embedding between the encoder, the
+decoder's input and, through a learned 256×256 map, its output layer), the decoder's output is
+a plain Dense layer; parameters are initialised U(−0.1, 0.1) like the PTB model (the official
+code uses Xavier, a constant 0.001 for the first convolution and U(±0.001) for embeddings);
+Rec is summed over the sentence's own tokens and ``</s>`` (the official loss also counts the
+predictions of the padding after ``</s>`` up to 24 positions); batches hold sentences of one
+length (the official ones are random, padded to 25).
+"""
+
+import ml_collections
+
+from vae_jax import objectives, savae
+
+VARIANTS = ("ae", "monotonic", "cyclical", "tiny")
+EPOCHS = 100
+
+
+def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/yelp.py:{variant}: variant must be one of {VARIANTS}.")
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameters and noise
+    config.data_seed = -1  # the data order; -1: config.seed
+    config.population_size = 1
+    config.population_fields = ()
+    config.num_epochs = EPOCHS
+    config.num_train_steps = -1
+    config.batch_size = 32
+    config.eval_batch_size = 32
+    config.log_every_steps = 100
+    config.eval_every_epochs = 1
+    config.eval_every_steps = -1
+    config.checkpoint_every_steps = 2_000
+    config.checkpoints_to_keep = 3
+    config.checkpoint_keep_period = 0
+    config.max_nonfinite_steps = 10
+    config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "yelp_10pct"
+    config.data.data_dir = ""  # "" -> $VAE_JAX_DATA_DIR/yelp_shen_sentiment/first10pct
+    config.data.tfds_dir = ""
+    config.data.max_length = 15  # words; the official maxlen 17 counts <s>... </s>
+    config.data.train_split = "train"
+    config.data.eval_splits = ("valid", "test")
+    config.data.bucket_lengths = (8, 12, 17)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.enc_emb_dim = 256
+    config.model.enc_hidden_dim = 256  # unused by the CNN encoder
+    config.model.dec_emb_dim = 256
+    config.model.dec_hidden_dim = 256
+    config.model.latent_dim = 256
+    config.model.dec_dropout_in = 0.5
+    config.model.dec_dropout_out = 0.5
+    config.model.init_scale = 0.1
+    config.model.kernels = "auto"
+    config.model.dtype = "float32"
+    config.model.encoder = "cnn"
+    config.model.cnn_filters = (300, 600, 900)
+    config.model.cnn_width = 5
+    config.model.cnn_stride = 2
+    config.model.cnn_length = 17
+    config.model.deterministic = variant == "ae"
+    config.model.bn_gamma = 0.0
+    config.model.bn_momentum = 0.9
+    config.model.update(savae.svi_defaults(svi_steps=0))
+
+    config.objective = "beta_elbo"
+    for name, fields in objectives.DEFAULTS.items():
+        config[name] = ml_collections.ConfigDict(fields)
+    config.init_from = ""
+    config.init_reset = ()
+    config.grad_clip_norm = float("inf")  # the official code does not clip
+    config.schedule_unit = "epochs"
+    decay = {"name": "exponential", "init_value": 1e-4, "transition_steps": 2, "decay_rate": 0.99}
+    if variant == "ae":
+        config.beta_schedule = ml_collections.ConfigDict({"name": "constant", "value": 0.0})
+        config.lr_schedule = ml_collections.ConfigDict(decay)
+    elif variant == "monotonic":
+        config.beta_schedule = ml_collections.ConfigDict(
+            {"name": "monotonic", "warmup_steps": 10, "start": 0.0, "stop": 1.0}
+        )
+        config.lr_schedule = ml_collections.ConfigDict(decay)
+    else:
+        epochs = 2 if variant == "tiny" else EPOCHS
+        cycles = 2 if variant == "tiny" else EPOCHS // 10
+        config.beta_schedule = ml_collections.ConfigDict(
+            {
+                "name": "cyclical", "total_steps": epochs, "num_cycles": cycles,
+                "ratio": 0.5, "start": 0.0, "stop": 1.0, "shape": "linear",
+            }
+        )  # fmt: skip
+        config.lr_schedule = ml_collections.ConfigDict(
+            {
+                "name": "cyclical_cosine_lr", "init_value": 1e-4, "total_steps": epochs,
+                "num_cycles": cycles, "steps_per_update": 1e-6,  # every step
+            }
+        )  # fmt: skip
+    if variant == "tiny":
+        config.num_epochs = 2
+        config.log_every_steps = 20
+        config.model.update(
+            enc_emb_dim=16, dec_emb_dim=16, dec_hidden_dim=16, latent_dim=8,
+            cnn_filters=(8, 8, 16),
+        )  # fmt: skip
+    return config
