@@ -55,7 +55,7 @@ bound exp((ΣRec + ΣKL)/#predicted tokens). The best epoch by valid PPL bound i
 
 import ml_collections
 
-from vae_jax import objectives, savae
+from vae_jax import models, objectives, savae
 
 CNN_LENGTH = 201  # the longest row after <s>: max_length words and </s>
 BASE = ("cyclical", "monotonic", "constant", "savae_size", "savae_cyclical", "savae_monotonic")
@@ -120,20 +120,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.5
     config.model.dec_dropout_out = 0.5
     config.model.init_scale = 0.1
-    # Layer implementation (vae_jax.kernels): "cpu" (custom VJPs tuned for XLA:CPU), "plain"
-    # (jax.grad of plain code, for GPU/TPU), "auto" (cpu on the CPU backend, else plain).
-    config.model.kernels = "auto"
-    # The large matmuls' operand type: "float32", or "bfloat16" (mixed precision: float32
-    # parameters, accumulation, LSTM cell and softmax).
-    config.model.dtype = "float32"
-    # The encoder: "lstm", or "cnn" (vae_jax.models.VAE; configs/yelp.py's); z = μ when
-    # deterministic (an autoencoder: train it with β = 0).
-    config.model.encoder = "lstm"
-    config.model.cnn_filters = (300, 600, 900)
-    config.model.cnn_width = 5
-    config.model.cnn_stride = 2
-    config.model.cnn_length = CNN_LENGTH
-    config.model.deterministic = False
+    # Layers (kernels: "auto", "cpu", "plain"; dtype: "float32", "bfloat16") and the encoder
+    # ("lstm" or "cnn", deterministic for an autoencoder): vae_jax.models.VAE's fields.
+    config.model.update(models.options(cnn_length=CNN_LENGTH))
     # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
     config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
     config.model.bn_momentum = 0.9

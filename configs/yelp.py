@@ -38,7 +38,7 @@ length (the official ones are random, padded to 25).
 
 import ml_collections
 
-from vae_jax import objectives, savae
+from vae_jax import models, objectives, savae
 
 VARIANTS = ("ae", "monotonic", "cyclical", "tiny")
 EPOCHS = 100
@@ -83,14 +83,14 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.5
     config.model.dec_dropout_out = 0.5
     config.model.init_scale = 0.1
-    config.model.kernels = "auto"
-    config.model.dtype = "float32"
-    config.model.encoder = "cnn"
-    config.model.cnn_filters = (300, 600, 900)
-    config.model.cnn_width = 5
-    config.model.cnn_stride = 2
-    config.model.cnn_length = 17
-    config.model.deterministic = variant == "ae"
+    # The CNN encoder's window holds the longest row after <s> (15 words and </s>) and more,
+    # as the official window of 25 = 17 + 2·4 does; an autoencoder's z is μ.
+    config.model.update(
+        models.options(
+            encoder="cnn", cnn_filters=(300, 600, 900), cnn_width=5, cnn_stride=2,
+            cnn_length=17, deterministic=variant == "ae",
+        )
+    )  # fmt: skip
     config.model.bn_gamma = 0.0
     config.model.bn_momentum = 0.9
     config.model.update(savae.svi_defaults(svi_steps=0))

@@ -227,11 +227,16 @@ def population_step_call(name: str) -> Callable[[], dict]:
     devices = jax.local_devices()[:1]
     state = train.replicate(train.stack_states(states), devices)
     p_step = train.make_p_population_step(model, members, None, devices=devices)
-    tokens = train.shard({"tokens": random_batch(vocab, batch, length)}, 1)
+    return _carried(p_step, state, random_batch(vocab, batch, length))
+
+
+def _carried(p_step: Callable, state, tokens: np.ndarray) -> Callable[[], dict]:
+    """A call of ``p_step`` on the same batch, its (donated) state carried to the next call."""
+    batch = train.shard({"tokens": tokens}, 1)
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = p_step(holder["state"], tokens)
+        holder["state"], metrics = p_step(holder["state"], batch)
         return metrics
 
     return call
@@ -267,14 +272,7 @@ def train_step_call(name: str) -> Callable[[], dict]:
             donate_argnums=(0,),
             devices=devices,
         )
-    tokens = train.shard({"tokens": random_batch(vocab, batch, length)}, 1)
-    holder = {"state": state}
-
-    def call():
-        holder["state"], metrics = p_step(holder["state"], tokens)
-        return metrics
-
-    return call
+    return _carried(p_step, state, random_batch(vocab, batch, length))
 
 
 def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None = None) -> dict:

@@ -194,7 +194,7 @@ def test_make_schedule_builds_each_kind():
 @pytest.mark.parametrize(
     "fields, match",
     [
-        (dict(name="exponential"), r"name='exponential'.*one of"),
+        (dict(name="warmup_cosine"), r"name='warmup_cosine'.*one of"),
         (dict(name="cyclical", total_steps=100, num_cycles=0), r"num_cycles=0.*>= 1"),
         (dict(name="cyclical", total_steps=100, ratio=0.0), r"ratio=0.0.*\(0, 1\]"),
         (dict(name="cyclical", total_steps=100, ratio=1.5), r"ratio=1.5.*\(0, 1\]"),
@@ -219,3 +219,10 @@ def test_make_schedule_builds_each_kind():
 def test_make_schedule_rejects_invalid(fields, match):
     with pytest.raises(ValueError, match=match):
         schedules.make_schedule(_cfg(**fields))
+
+
+def test_exponential_decays_continuously():
+    fn = schedules.make_schedule(
+        {"name": "exponential", "init_value": 1e-4, "transition_steps": 10, "decay_rate": 0.99}
+    )
+    np.testing.assert_allclose([fn(0), fn(10), fn(5)], [1e-4, 0.99e-4, 1e-4 * 0.99**0.5], rtol=1e-6)

@@ -16,6 +16,8 @@ share its batch or device.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -32,6 +34,14 @@ def uniform_init(scale: float) -> nn.initializers.Initializer:
         return jax.random.uniform(key, shape, dtype, -scale, scale)
 
     return init
+
+
+# The fields of the layers' implementation and of the encoder's kind, which every config
+# carries (`options`); their meaning is documented on `VAE`.
+OPTION_FIELDS = (
+    "kernels", "dtype", "encoder", "cnn_filters", "cnn_width", "cnn_stride", "cnn_length",
+    "deterministic",
+)  # fmt: skip
 
 
 class VAE(nn.Module):
@@ -325,3 +335,13 @@ class VAE(nn.Module):
         z = self.sample(mu, logvar, z_keys)
         logits = self.decode(tokens, z, dropout_keys if train else None)
         return {"logits": logits, "mu": mu, "logvar": logvar, "z": z, "bn_stats": bn_stats}
+
+
+def options(**overrides) -> dict:
+    """``config.model``'s `OPTION_FIELDS` at `VAE`'s defaults, with ``overrides``: the one
+    home of those defaults for every config file."""
+    unknown = set(overrides) - set(OPTION_FIELDS)
+    if unknown:
+        raise ValueError(f"models.options: {sorted(unknown)} are not among {OPTION_FIELDS}.")
+    defaults = {f.name: f.default for f in dataclasses.fields(VAE) if f.name in OPTION_FIELDS}
+    return {**defaults, **overrides}

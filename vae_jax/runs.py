@@ -36,7 +36,8 @@ CONFIG, METRICS, BEST, DATA = "config.json", "metrics.jsonl", "best", "data.json
 
 def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.VAE:
     """The VAE of ``config.model``; an `savae.SAVAE` (refined by SVI) when svi_steps > 0."""
-    fields = config.model.to_dict()
+    # Lists (a config read back from JSON) as tuples: a module is a static, hashed argument.
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
     if fields.get("svi_steps", 0) > 0:
         return savae.SAVAE(vocab_size=vocab_size, **fields)
     fields = {k: v for k, v in fields.items() if k not in savae.SVI_FIELDS}

@@ -54,18 +54,19 @@ def sweep(name: str, values: Sequence[Any]) -> list[Run]:
     return [{name: v} for v in values]
 
 
+def _merge(parts: Sequence[Run], where: str) -> Run:
+    merged = {}
+    for part in parts:
+        clash = merged.keys() & part.keys()
+        if clash:
+            raise ValueError(f"sweep.{where}: {sorted(clash)} set by two sweeps.")
+        merged.update(part)
+    return merged
+
+
 def product(sweeps: Sequence[Sequence[Run]]) -> list[Run]:
     """Every combination of one run from each sweep, merged (later sweeps vary fastest)."""
-    runs = []
-    for parts in itertools.product(*sweeps):
-        merged = {}
-        for part in parts:
-            clash = merged.keys() & part.keys()
-            if clash:
-                raise ValueError(f"sweep.product: {sorted(clash)} set by two sweeps.")
-            merged.update(part)
-        runs.append(merged)
-    return runs
+    return [_merge(parts, "product") for parts in itertools.product(*sweeps)]
 
 
 def zip_(sweeps: Sequence[Sequence[Run]]) -> list[Run]:
@@ -73,7 +74,7 @@ def zip_(sweeps: Sequence[Sequence[Run]]) -> list[Run]:
     lengths = {len(s) for s in sweeps}
     if len(lengths) > 1:
         raise ValueError(f"sweep.zip_: sweeps of different lengths {sorted(lengths)}.")
-    return [product([[part] for part in parts])[0] for parts in zip(*sweeps, strict=True)]
+    return [_merge(parts, "zip_") for parts in zip(*sweeps, strict=True)]
 
 
 def run_name(run: Run, keys: Sequence[str] | None = None) -> str:

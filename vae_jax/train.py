@@ -823,7 +823,7 @@ def _evaluate_and_keep_best(
     single run) under its ``best/`` if its valid PPL bound improved. Returns the best valid PPL
     bounds so far and this evaluation's (the members' mean; None without a valid split)."""
     epoch = {"epoch": step / steps_per_epoch} if steps_per_epoch else {}
-    is_population = len(dirs) > 1 or eval_key.ndim == 2
+    is_population = eval_key.ndim == 2  # one key per member
     results = {}  # split -> one result per member
     for split, split_batches in data.eval_splits.items():
         out = evaluate(p_eval_step, state.params, split_batches, eval_key, num_devices)
