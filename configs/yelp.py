@@ -15,8 +15,10 @@ As the official code (``semi/semi_yelp_{ae,vae,cyc}_pre.py``, ``model_new.py``):
 - CNN encoder (``model.encoder = "cnn"``): the sentence in a window of 25 positions, three
   VALID convolutions of width 5 (300 and 600 filters with stride 2 and ReLU, then 900 over
   what is left, tanh), μ and log σ² by linear maps to a 256-dimensional z;
-- LSTM decoder: 256 units, 256-dimensional embeddings, [embedding; z] at every step,
-  h₀ = Dense(z), dropout 0.5 on the input embeddings and the LSTM outputs;
+- one row-normalised 256-dimensional embedding shared by the encoder, the decoder's input and
+  its output layer, logits = h·(W Êᵀ) + b (``model.embedding = "shared_normalized"``);
+- LSTM decoder: 256 units, [embedding; z] at every step, h₀ = Dense(z), dropout 0.5 on the
+  input embeddings and the LSTM outputs;
 - Adam 1e-4, no gradient clipping, batches of 32, 100 epochs, sentences of at most 15 words
   (the official maxlen 17 counts </s> and drops the rest: none here);
 - ``:ae``: an autoencoder, z = μ deterministic and β = 0; lr × 0.99 every 2 epochs;
@@ -26,11 +28,9 @@ As the official code (``semi/semi_yelp_{ae,vae,cyc}_pre.py``, ``model_new.py``):
   (updated every step);
 - ``:tiny``: ``:cyclical`` shrunk for tests (two epochs, small layers).
 
-Deviations from the official code, documented: the encoder and decoder have separate
-embeddings (the official code shares one row-normalised embedding between the encoder, the
-decoder's input and, through a learned 256×256 map, its output layer), the decoder's output is
-a plain Dense layer; parameters are initialised U(−0.1, 0.1) like the PTB model (the official
-code uses Xavier, a constant 0.001 for the first convolution and U(±0.001) for embeddings);
+Deviations from the official code, documented: parameters are initialised U(−0.1, 0.1) like
+the PTB model (the official code uses Xavier, a constant 0.001 for the first convolution and
+U(±0.001) for the embedding, whose rows are normalised anyway);
 Rec is summed over the sentence's own tokens and ``</s>`` (the official loss also counts the
 predictions of the padding after ``</s>`` up to 24 positions); batches hold sentences of one
 length (the official ones are random, padded to 25).
@@ -88,7 +88,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.update(
         models.options(
             encoder="cnn", cnn_filters=(300, 600, 900), cnn_width=5, cnn_stride=2,
-            cnn_length=17, deterministic=variant == "ae",
+            cnn_length=17, deterministic=variant == "ae", embedding="shared_normalized",
         )
     )  # fmt: skip
     config.model.bn_gamma = 0.0

@@ -39,6 +39,24 @@ def test_cnn_encoder_window_and_shapes():
         )
 
 
+def test_shared_normalized_embedding_ties_input_and_output():
+    model = models.VAE(
+        vocab_size=20, enc_emb_dim=6, dec_emb_dim=6, dec_hidden_dim=8, latent_dim=3,
+        encoder="cnn", cnn_filters=(5, 7), cnn_length=8, embedding="shared_normalized",
+    )  # fmt: skip
+    tokens = jnp.array([[2, 5, 6, 3, 0, 0, 0, 0, 0], [2, 7, 3, 0, 0, 0, 0, 0, 0]])
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    params = model.init(jax.random.PRNGKey(1), tokens, keys, train=False)["params"]
+    assert "embed" in params and not {"enc_embed", "dec_embed", "dec_output"} & set(params)
+    assert params["dec_output_map"].shape == (8, 6)
+    out = model.apply({"params": params}, tokens, keys, train=True)
+    assert out["logits"].shape == (2, 8, 20)
+    # Scaling a row of the table changes nothing: it is used normalised.
+    scaled = {**params, "embed": params["embed"].at[5].multiply(7.0)}
+    again = model.apply({"params": scaled}, tokens, keys, train=True)
+    np.testing.assert_allclose(out["logits"], again["logits"], rtol=1e-5, atol=1e-6)
+
+
 def test_cnn_vae_and_autoencoder_train(tmp_path):
     for deterministic in (False, True):
         config = tiny_synthetic_config("cyclical", steps=20)

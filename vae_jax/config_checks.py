@@ -101,6 +101,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
             )  # fmt: skip
         if config.data.name == "synthetic" and config.data.length + 1 > length:
             _fail("model.cnn_length", length, "must be >= data.length + 1")
+    if model["embedding"] not in ("separate", "shared_normalized"):
+        _fail("model.embedding", model["embedding"], "must be 'separate' or 'shared_normalized'")
+    if model["embedding"] == "shared_normalized" and model["enc_emb_dim"] != model["dec_emb_dim"]:
+        _fail("model.enc_emb_dim", model["enc_emb_dim"], "must equal model.dec_emb_dim (shared)")
     if config.model.get("dtype", "float32") not in kernels.DTYPES:
         _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
     if not config.model.init_scale > 0:

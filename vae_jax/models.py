@@ -40,7 +40,7 @@ def uniform_init(scale: float) -> nn.initializers.Initializer:
 # carries (`options`); their meaning is documented on `VAE`.
 OPTION_FIELDS = (
     "kernels", "dtype", "encoder", "cnn_filters", "cnn_width", "cnn_stride", "cnn_length",
-    "deterministic",
+    "deterministic", "embedding",
 )  # fmt: skip
 
 
@@ -81,6 +81,11 @@ class VAE(nn.Module):
     cnn_length: int = 17  # the longest w₁ … w_n </s> the window holds
     # A deterministic encoder (an autoencoder's): z = μ, no sampling (train with β = 0).
     deterministic: bool = False
+    # "separate": the encoder and the decoder embed with tables of their own, the output layer
+    # is a Dense. "shared_normalized" (Fu et al.'s Yelp code): one table E, used row-normalised
+    # (Ê = E / ‖E‖_row) by the encoder and the decoder, and logits = h·(W Êᵀ) + b with a
+    # learned W (dec_hidden_dim × emb): the output layer tied to the embedding.
+    embedding: str = "separate"
 
     def setup(self):
         init = uniform_init(self.init_scale)
@@ -93,7 +98,10 @@ class VAE(nn.Module):
             )  # fmt: skip
 
         h_enc, h_dec = self.enc_hidden_dim, self.dec_hidden_dim
-        self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
+        if self.embedding == "shared_normalized":
+            self.embed_table = self.param("embed", init, (self.vocab_size, self.dec_emb_dim))
+        else:
+            self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
         if self.encoder == "cnn":
             self.enc_conv = [
                 nn.Conv(
@@ -124,7 +132,8 @@ class VAE(nn.Module):
             self.enc_mu_bn_mean = self.param("enc_mu_bn_mean", zeros, (self.latent_dim,))
             self.enc_mu_bn_var = self.param("enc_mu_bn_var", ones, (self.latent_dim,))
 
-        self.dec_embed = nn.Embed(self.vocab_size, self.dec_emb_dim, embedding_init=init)
+        if self.embedding != "shared_normalized":
+            self.dec_embed = nn.Embed(self.vocab_size, self.dec_emb_dim, embedding_init=init)
         # One input kernel over the concatenation [embedding; z], split in two so that z's
         # share is computed once per sequence instead of once per step.
         self.dec_w_in = self.param(
@@ -133,7 +142,34 @@ class VAE(nn.Module):
         self.dec_b_in = self.param("dec_b_in", init, (4 * h_dec,))
         self.dec_w_hh = self.param("dec_w_hh", init, (h_dec, 4 * h_dec))
         self.dec_h0 = dense(h_dec, "dec_h0", "float32")
-        self.dec_output = dense(self.vocab_size, "dec_output")
+        if self.embedding == "shared_normalized":
+            self.dec_output_map = self.param("dec_output_map", init, (h_dec, self.dec_emb_dim))
+            self.dec_output_bias = self.param("dec_output_bias", init, (self.vocab_size,))
+        else:
+            self.dec_output = dense(self.vocab_size, "dec_output")
+
+    def _normalized_table(self) -> jnp.ndarray:
+        table = self.embed_table
+        return table / jnp.linalg.norm(table, axis=-1, keepdims=True)
+
+    def embed_enc(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """The encoder's input embeddings of ``tokens``."""
+        if self.embedding == "shared_normalized":
+            return jnp.take(self._normalized_table(), tokens, axis=0)
+        return self.enc_embed(tokens)
+
+    def embed_dec(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """The decoder's input embeddings of ``tokens``."""
+        if self.embedding == "shared_normalized":
+            return jnp.take(self._normalized_table(), tokens, axis=0)
+        return self.dec_embed(tokens)
+
+    def output_logits(self, h: jnp.ndarray) -> jnp.ndarray:
+        """Logits over the vocabulary from decoder states h (…, dec_hidden_dim)."""
+        if self.embedding == "shared_normalized":
+            tied = self.dec_output_map @ self._normalized_table().T  # (H, V)
+            return self.k.affine(h, tied, self.dec_output_bias)
+        return self.dec_output(h)
 
     def _cnn_layers(self) -> list[tuple[int, int, int]]:
         """(filters, width, stride) of each convolution; the last one's width is what is left
@@ -165,7 +201,7 @@ class VAE(nn.Module):
         window = jnp.pad(
             body, ((0, 0), (pad, pad + self.cnn_length - body.shape[1])), constant_values=PAD_ID
         )
-        x = self.enc_embed(window)
+        x = self.embed_enc(window)
         for i, conv in enumerate(self.enc_conv):
             x = conv(x)
             x = jnp.tanh(x) if i == len(self.enc_conv) - 1 else jax.nn.relu(x)
@@ -184,7 +220,7 @@ class VAE(nn.Module):
         if self.encoder == "cnn":
             h_last = self.cnn_features(tokens)
         else:
-            gates = self.enc_input(self.enc_embed(tokens))
+            gates = self.enc_input(self.embed_enc(tokens))
             zeros = jnp.zeros((batch, self.enc_hidden_dim), gates.dtype)
             hs = self.k.lstm_scan(gates, self.enc_w_hh, zeros, zeros)
             # Padding comes after the last true token: the state there has not seen any of it.
@@ -244,12 +280,12 @@ class VAE(nn.Module):
         if dropout_keys is not None:
             keys_in = jax.vmap(jax.random.fold_in, (0, None))(dropout_keys, 0)
             keys_out = jax.vmap(jax.random.fold_in, (0, None))(dropout_keys, 1)
-        emb = self.k.dropout(self.dec_embed(tokens[:, :-1]), self.dec_dropout_in, keys_in)
+        emb = self.k.dropout(self.embed_dec(tokens[:, :-1]), self.dec_dropout_in, keys_in)
         w_emb, w_z = jnp.split(self.dec_w_in, [self.dec_emb_dim])
         gates = self.k.affine(emb, w_emb, self.dec_b_in) + (z @ w_z)[:, None, :]
         h0 = self.dec_h0(z)
         hs = self.k.lstm_scan(gates, self.dec_w_hh, h0, jnp.zeros_like(h0))
-        return self.dec_output(self.k.dropout(hs, self.dec_dropout_out, keys_out))
+        return self.output_logits(self.k.dropout(hs, self.dec_dropout_out, keys_out))
 
     def log_likelihood(self, tokens: jnp.ndarray, z: jnp.ndarray) -> jnp.ndarray:
         """log p(x|z) = Σ_t log p(x_t | x_<t, z) of each sentence under each of its k samples.
@@ -262,7 +298,7 @@ class VAE(nn.Module):
         """
         targets = tokens[:, 1:]
         w_emb, w_z = jnp.split(self.dec_w_in, [self.dec_emb_dim])
-        emb_gates = kernels.dot(self.dec_embed(tokens[:, :-1]), w_emb, self.dtype)  # (S, T, 4H)
+        emb_gates = kernels.dot(self.embed_dec(tokens[:, :-1]), w_emb, self.dtype)  # (S, T, 4H)
         z_gates = z @ w_z + self.dec_b_in  # (S, k, 4H)
         h0 = self.dec_h0(z)
         num_steps = jnp.max(sequence_lengths(tokens)) - 1
@@ -271,7 +307,7 @@ class VAE(nn.Module):
             h, c, total = carry
             gates = z_gates + jax.lax.dynamic_index_in_dim(emb_gates, t, 1)  # (S,1,4H) bcast
             h, c = self.k.lstm_step(gates, self.dec_w_hh, h, c)
-            logits = self.dec_output(h)  # (S, k, V)
+            logits = self.output_logits(h)  # (S, k, V)
             target = jax.lax.dynamic_index_in_dim(targets, t, 1, keepdims=False)  # (S,)
             picked = jnp.take_along_axis(
                 logits, jnp.broadcast_to(target[:, None, None], (*logits.shape[:2], 1)), -1
@@ -305,10 +341,10 @@ class VAE(nn.Module):
         def step(carry, t):
             h, c, prev, done = carry
             h, c = self.k.lstm_step(
-                kernels.dot(self.dec_embed(prev), w_emb, self.dtype) + z_gates, self.dec_w_hh, h, c
+                kernels.dot(self.embed_dec(prev), w_emb, self.dtype) + z_gates, self.dec_w_hh, h, c
             )
             # <pad> and <s> are never targets in training; they are not generated either.
-            logits = self.dec_output(h).at[:, jnp.array([PAD_ID, BOS_ID])].set(-jnp.inf)
+            logits = self.output_logits(h).at[:, jnp.array([PAD_ID, BOS_ID])].set(-jnp.inf)
             if keys is None:
                 token = jnp.argmax(logits, axis=-1)
             else:

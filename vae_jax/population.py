@@ -70,7 +70,8 @@ def check(config: ml_collections.ConfigDict) -> None:
         if not (name.startswith(VARYING_FIELDS[:-1]) or name in VARYING_FIELDS):
             raise ValueError(
                 f"config.population_fields: {name!r} cannot vary within a population (it would "
-                f"change the compiled program); fields that can: {', '.join(VARYING_FIELDS)}*. "
+                f"change the compiled program); fields that can: beta_schedule.*, lr_schedule.*, "
+                "free_bits.*, grad_clip_norm. "
                 "Run other values as separate runs (a sweep)."
             )
         try:
