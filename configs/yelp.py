@@ -30,7 +30,8 @@ As the official code (``semi/semi_yelp_{ae,vae,cyc}_pre.py``, ``model_new.py``):
 
 Deviations from the official code, documented: parameters are initialised U(−0.1, 0.1) like
 the PTB model (the official code uses Xavier, a constant 0.001 for the first convolution and
-U(±0.001) for the embedding, whose rows are normalised anyway);
+U(±0.001) for the embedding, whose rows are normalised anyway, and TF's LSTMCell adds 1 to
+the forget gate's pre-activation);
 Rec is summed over the sentence's own tokens and ``</s>`` (the official loss also counts the
 predictions of the padding after ``</s>`` up to 24 positions); batches hold sentences of one
 length (the official ones are random, padded to 25).
