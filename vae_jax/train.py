@@ -664,9 +664,7 @@ def _train_and_evaluate(
                     callback(step, state)
                 # One step behind, so the host does not wait for the step just dispatched.
                 if len(pending) > 1:
-                    for k in range(len(members)):
-                        m = member_metrics(pending[-2], k)
-                        _check_nonfinite(m, step - 1, config, checkpointer, k, is_population)
+                    _check_nonfinite(pending[-2], step - 1, config, checkpointer, is_population)
                 if step % config.log_every_steps == 0 or step == num_steps:
                     fetched = jax.device_get(pending)
                     seconds = max(time.time() - tick, 1e-9)
@@ -677,7 +675,7 @@ def _train_and_evaluate(
                         writer.write(step, record)
                         if k == 0 and primary:
                             progress.update(step, record)
-                        _check_nonfinite(views[-1], step, config, checkpointer, k, is_population)
+                    _check_nonfinite(fetched[-1], step, config, checkpointer, is_population)
                     pending, tick = [], time.time()
                 epoch_end = bool(steps_per_epoch) and step % steps_per_epoch == 0
                 valid_ppl = None
@@ -778,31 +776,34 @@ def _counted(fn: Callable, counter: collections.Counter, name: str) -> Callable:
     return wrapper
 
 
-def _check_nonfinite(
-    step_metrics, step: int, config, checkpointer, member: int = 0, label: bool = False
-) -> None:
+def _check_nonfinite(step_metrics, step: int, config, checkpointer, label: bool = False) -> None:
     """Stops the run after ``max_nonfinite_steps`` skipped steps in a row (non-finite, or loss
-    spikes), or at the first spike under ``loss_spike.action = "stop"``; in a population, a
-    member's stops the whole population (named: ``label``), whose checkpoint holds them all."""
-    who = f"Population member {member}: " if label else ""
-    run = int(step_metrics["nonfinite_run"][0])
-    if run >= config.max_nonfinite_steps:
-        last = checkpointer.last_good_step()
-        raise NonFiniteError(
-            f"{who}{run} consecutive steps with a non-finite loss or gradient, the last at step "
-            f"{step} (beta={float(step_metrics['beta'][0]):.4g}, "
-            f"lr={float(step_metrics['lr'][0]):.4g}); none was applied. "
-            + _last_good(last, checkpointer)
-        )
-    spikes = int(step_metrics["spike_run"][0])
-    stop = config.loss_spike.action == "stop" and int(step_metrics["spike"][0])
-    if stop or spikes >= config.max_nonfinite_steps:
+    spikes), or at the first spike under ``loss_spike.action = "stop"``. In a population
+    (leaves (devices, K)) any member's stops the whole population, whose checkpoint holds them
+    all, and the message names it (``label``). One host transfer of the guard counters."""
+    guards = jax.device_get({n: step_metrics[n] for n in ("nonfinite_run", "spike_run", "spike")})
+    runs_, spike_runs, spikes = (np.atleast_1d(guards[n][0]) for n in guards)
+    stop_at_spike = config.loss_spike.action == "stop"
+    for k, (run, spike_run, spike) in enumerate(zip(runs_, spike_runs, spikes, strict=True)):
+        if run < config.max_nonfinite_steps and spike_run < config.max_nonfinite_steps:
+            if not (stop_at_spike and spike):
+                continue
+        who = f"Population member {k}: " if label else ""
+        detail = jax.device_get({n: step_metrics[n] for n in ("beta", "lr", "loss")})
+        beta, lr, loss = (float(np.atleast_1d(detail[n][0])[k]) for n in ("beta", "lr", "loss"))
+        if run >= config.max_nonfinite_steps:
+            last = checkpointer.last_good_step()
+            raise NonFiniteError(
+                f"{who}{run} consecutive steps with a non-finite loss or gradient, the last at "
+                f"step {step} (beta={beta:.4g}, lr={lr:.4g}); none was applied. "
+                + _last_good(last, checkpointer)
+            )
         # The spike shows the damage of the step before it: that state is suspect too.
         last = checkpointer.last_good_step(before=step - 1)
         raise LossSpikeError(
-            f"{who}Loss spike at step {step}: loss {float(step_metrics['loss'][0]):.4g} > "
+            f"{who}Loss spike at step {step}: loss {loss:.4g} > "
             f"config.loss_spike.factor={config.loss_spike.factor:g} x the median of the last "
-            f"{config.loss_spike.window} applied steps ({spikes} such steps in a row, not "
+            f"{config.loss_spike.window} applied steps ({spike_run} such steps in a row, not "
             "applied). " + _last_good(last, checkpointer)
         )
 
