@@ -31,6 +31,8 @@ setup(
         "tensorboardX",
         "tqdm",
         "orbax-checkpoint",
+        # BLEU of sampled dialog responses (the official dialog code's sentence BLEU).
+        "nltk",
     ],
     extras_require={
         # nbclient, nbformat, ipykernel: the quickstart notebook runs in the test suite.

@@ -39,6 +39,17 @@ The population rows (``ptb_23_pop<K>``) time one vmapped step of K members at th
 step grows about linearly in K; on an accelerator, where one batch-32 step is latency-bound, it
 should not.
 
+The dialog row (``cvae_swda``) times the CVAE of `vae_jax.cvae` at the paper's sizes (Zhao et
+al. 2017: embeddings 200, utterance bi-GRU 2×300, context GRU 600, latent 200, decoder GRU 400,
+vocabulary 10,002, 70 topics) on a batch of 30 responses of 24 tokens, each with 9 context
+utterances padded to 40 (the pipeline's layout; the GRUs run over every padded step). FLOPs
+(a GRU step of input I, hidden H: 2·I·3H + 2·H·3H), with S = B·9 + B utterances:
+    utterances  S·40·2·(2·E·3H + 2·H·3H)          both directions, contexts and responses
+    context     B·9·(2·(2H + 2)·3Hc + 2·Hc·3Hc)
+    heads       B·(2·(c + 2H)·2Z + 2·c·400 + 2·400·2Z + 2·(c + Z)·(400 + 400 + Hd) + 2·400·V)
+    decoder     B·23·(2·E·3Hd + 2·Hd·3Hd + 2·Hd·V)
+    train       3 × forward, c = 30 + 4 + 4 + Hc the condition's width.
+
 The IW-NLL row (``iwnll_k500``) times `metrics.iw_log_weights` on 64 sentences at K = 500
 (3 repeats; the first call's compile reported apart), FLOPs 500 × the decoder's forward pass.
 """
@@ -82,6 +93,8 @@ VARIANTS = {
     "ptb_23_plain_bf16": ("ptb_23", "plain", "bfloat16"),
     "savae_size_23_bf16": ("savae_size_23", "cpu", "bfloat16"),
 }
+# The dialog CVAE at the paper's sizes: (vocab, topics, batch, response length, context, L).
+CVAE_CONFIGS = {"cvae_swda": (10_002, 70, 30, 24, 9, 40)}
 # Populations (`vae_jax.population`) of K members at the PTB size, one vmapped step.
 POPULATIONS = {f"ptb_23_pop{k}": k for k in (1, 2, 4, 8)}
 
@@ -292,6 +305,73 @@ def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None
     return row
 
 
+def cvae_step_flops(model, vocab: int, batch: int, length: int, context: int, utt: int) -> float:
+    """Matmul FLOPs of one CVAE train step (see the module docstring)."""
+    e, h, hc, hd, z = (
+        model.emb_dim, model.utt_hidden_dim, model.ctx_hidden_dim, model.dec_hidden_dim,
+        model.latent_dim,
+    )  # fmt: skip
+    c = model.topic_emb_dim + 8 + hc
+    gru = lambda i, hidden: 2 * i * 3 * hidden + 2 * hidden * 3 * hidden  # noqa: E731
+    utterances = (batch * context + batch) * utt * 2 * gru(e, h)
+    ctx = batch * context * gru(2 * h + 2, hc)
+    prior_hidden, bow_hidden = max(2 * z, 100), model.bow_hidden_dim
+    heads = batch * (
+        2 * (c + 2 * h) * 2 * z + 2 * c * prior_hidden + 2 * prior_hidden * 2 * z
+        + 2 * (c + z) * (bow_hidden + hd) + 2 * bow_hidden * vocab
+    )  # fmt: skip
+    decoder = batch * (length - 1) * (gru(e, hd) + 2 * hd * vocab)
+    return 3.0 * (utterances + ctx + heads + decoder)
+
+
+def random_dialog_batch(
+    vocab: int, topics: int, batch: int, length: int, context: int, utt: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Responses of ``length`` tokens and full contexts of ``context`` utterances of random
+    lengths up to ``utt`` (`vae_jax.cvae`'s layout)."""
+    rng = np.random.default_rng(seed)
+    contexts = np.zeros((batch, context, utt), np.int32)
+    for i in range(batch):
+        for j in range(context):
+            n = int(rng.integers(3, utt + 1))
+            contexts[i, j, :n] = rng.integers(4, vocab, n)
+    return {
+        "tokens": random_batch(vocab, batch, length, seed),
+        "context": contexts,
+        "context_lengths": np.full((batch,), context, np.int32),
+        "floors": rng.integers(0, 2, (batch, context)).astype(np.int32),
+        "topics": rng.integers(0, topics, batch).astype(np.int32),
+        "my_profile": rng.random((batch, 4)).astype(np.float32),
+        "other_profile": rng.random((batch, 4)).astype(np.float32),
+    }
+
+
+def bench_cvae_step(name: str, steps: int, warmup: int) -> dict:
+    """`train.train_step` of the dialog CVAE (`vae_jax.cvae`) at ``CVAE_CONFIGS[name]``."""
+    from vae_jax import cvae
+
+    vocab, topics, batch, length, context, utt = CVAE_CONFIGS[name]
+    model = cvae.CVAE(vocab_size=vocab, num_topics=topics)
+    config = ml_collections.ConfigDict({"grad_clip_norm": 5.0, "loss_spike": {"window": 50}})
+    beta_fn = lr_fn = lambda step: jnp.float32(1e-3)  # noqa: E731
+    data = random_dialog_batch(vocab, topics, batch, length, context, utt)
+    example = {k: v[:1] for k, v in data.items()}
+    state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), example)
+    devices = jax.local_devices()[:1]
+    p_step = train.make_p_train_step(model, beta_fn, lr_fn, objectives.beta_elbo, devices=devices)
+    holder = {"state": train.replicate(state, devices)}
+    sharded = train.shard(data, 1)
+
+    def call():
+        holder["state"], metrics = p_step(holder["state"], sharded)
+        return metrics
+
+    timing = time_calls(call, steps, warmup, rounds=min(steps, 5))
+    flops = cvae_step_flops(model, vocab, batch, length, context, utt)
+    sizes = (model.emb_dim, model.dec_hidden_dim, model.latent_dim, batch, length)
+    return {**summarize(name, sizes, timing, flops), "context": context, "utterance_length": utt}
+
+
 def bench_iwnll(repeats: int, num_samples: int = 500) -> dict:
     """Sentences/s of importance-weighted NLL (`metrics.iw_log_weights`) at the PTB size."""
     from vae_jax import metrics
@@ -373,7 +453,7 @@ def main() -> None:
         parser.error(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} >= 0")
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)  # an unwritable folder fails here, not later
-    known = [*CONFIGS, *VARIANTS, *POPULATIONS, "iwnll_k500"]
+    known = [*CONFIGS, *VARIANTS, *POPULATIONS, *CVAE_CONFIGS, "iwnll_k500"]
     names = [n for n in args.only.split(",") if n] or known
     unknown = set(names) - set(known)
     if unknown:
@@ -384,6 +464,8 @@ def main() -> None:
     for name in names:
         if name == "iwnll_k500":
             rows.append(bench_iwnll(repeats=3))
+        elif name in CVAE_CONFIGS:
+            rows.append(bench_cvae_step(name, args.steps, args.warmup))
         else:
             rows.append(bench_train_step(name, args.steps, args.warmup, args.profile))
     peaks = [peak] + [p for row in rows for p in row["peak_gflops_rounds"]]

@@ -13,7 +13,7 @@ import os
 import ml_collections
 
 from vae_jax import input_pipeline, kernels, models, objectives, population, schedules
-from vae_jax.datasets import text
+from vae_jax.datasets import swda, text
 
 _SCHEDULE_VALUES = ("value", "init_value", "start", "stop")
 _MODEL_DEFAULTS = {
@@ -64,49 +64,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if spike.action not in ("skip", "stop"):
         _fail("loss_spike.action", spike.action, "must be 'skip' or 'stop'")
 
-    for field in _MODEL_SIZES:
-        _positive_int(config, f"model.{field}")
-    for field in ("dec_dropout_in", "dec_dropout_out"):
-        rate = config.model[field]
-        if not 0.0 <= rate < 1.0:
-            _fail(f"model.{field}", rate, "must be in [0, 1)")
-    gamma, momentum = config.model.get("bn_gamma", 0.0), config.model.get("bn_momentum", 0.9)
-    if not (math.isfinite(gamma) and gamma >= 0):
-        _fail("model.bn_gamma", gamma, "must be a finite number >= 0 (0: no BN-VAE)")
-    if not 0.0 <= momentum < 1.0:
-        _fail("model.bn_momentum", momentum, "must be in [0, 1)")
-    if config.model.get("kernels", "auto") not in kernels.KERNELS:
-        _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
-    # Fields a config leaves out take the model's defaults.
-    model = {**_MODEL_DEFAULTS, **config.model.to_dict()}
-    encoder = model["encoder"]
-    if encoder not in ("lstm", "cnn"):
-        _fail("model.encoder", encoder, "must be 'lstm' or 'cnn'")
-    if encoder == "cnn":
-        filters = tuple(model["cnn_filters"])
-        if not filters or any(
-            isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in filters
-        ):
-            _fail("model.cnn_filters", filters, "must be a non-empty tuple of positive integers")
-        for field in ("cnn_width", "cnn_stride", "cnn_length"):
-            value = model[field]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                _fail(f"model.{field}", value, "must be a positive integer")
-        length = model["cnn_length"]
-        if config.data.name != "synthetic" and config.data.max_length + 1 > length:
-            _fail(
-                "model.cnn_length", length,
-                f"the CNN window must hold the longest row, data.max_length="
-                f"{config.data.max_length} words plus </s>",
-            )  # fmt: skip
-        if config.data.name == "synthetic" and config.data.length + 1 > length:
-            _fail("model.cnn_length", length, "must be >= data.length + 1")
-    if model["embedding"] not in ("separate", "shared_normalized"):
-        _fail("model.embedding", model["embedding"], "must be 'separate' or 'shared_normalized'")
-    if model["embedding"] == "shared_normalized" and model["enc_emb_dim"] != model["dec_emb_dim"]:
-        _fail("model.enc_emb_dim", model["enc_emb_dim"], "must equal model.dec_emb_dim (shared)")
-    if config.model.get("dtype", "float32") not in kernels.DTYPES:
-        _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
+    if config.model.get("kind", "vae") == "cvae":
+        _check_cvae_model(config)
+    else:
+        _check_vae_model(config)
     if not config.model.init_scale > 0:
         _fail("model.init_scale", config.model.init_scale, "must be > 0")
     if not config.grad_clip_norm > 0:
@@ -164,14 +125,97 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_data(config)
 
 
+def _check_vae_model(config: ml_collections.ConfigDict) -> None:
+    for field in _MODEL_SIZES:
+        _positive_int(config, f"model.{field}")
+    for field in ("dec_dropout_in", "dec_dropout_out"):
+        rate = config.model[field]
+        if not 0.0 <= rate < 1.0:
+            _fail(f"model.{field}", rate, "must be in [0, 1)")
+    gamma, momentum = config.model.get("bn_gamma", 0.0), config.model.get("bn_momentum", 0.9)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        _fail("model.bn_gamma", gamma, "must be a finite number >= 0 (0: no BN-VAE)")
+    if not 0.0 <= momentum < 1.0:
+        _fail("model.bn_momentum", momentum, "must be in [0, 1)")
+    if config.model.get("kernels", "auto") not in kernels.KERNELS:
+        _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
+    # Fields a config leaves out take the model's defaults.
+    model = {**_MODEL_DEFAULTS, **config.model.to_dict()}
+    encoder = model["encoder"]
+    if encoder not in ("lstm", "cnn"):
+        _fail("model.encoder", encoder, "must be 'lstm' or 'cnn'")
+    if encoder == "cnn":
+        filters = tuple(model["cnn_filters"])
+        if not filters or any(
+            isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in filters
+        ):
+            _fail("model.cnn_filters", filters, "must be a non-empty tuple of positive integers")
+        for field in ("cnn_width", "cnn_stride", "cnn_length"):
+            value = model[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(f"model.{field}", value, "must be a positive integer")
+        length = model["cnn_length"]
+        if config.data.name != "synthetic" and config.data.max_length + 1 > length:
+            _fail(
+                "model.cnn_length", length,
+                f"the CNN window must hold the longest row, data.max_length="
+                f"{config.data.max_length} words plus </s>",
+            )  # fmt: skip
+        if config.data.name == "synthetic" and config.data.length + 1 > length:
+            _fail("model.cnn_length", length, "must be >= data.length + 1")
+    if model["embedding"] not in ("separate", "shared_normalized"):
+        _fail("model.embedding", model["embedding"], "must be 'separate' or 'shared_normalized'")
+    if model["embedding"] == "shared_normalized" and model["enc_emb_dim"] != model["dec_emb_dim"]:
+        _fail("model.enc_emb_dim", model["enc_emb_dim"], "must equal model.dec_emb_dim (shared)")
+    if config.model.get("dtype", "float32") not in kernels.DTYPES:
+        _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
+
+
+_CVAE_SIZES = (
+    "emb_dim", "topic_emb_dim", "utt_hidden_dim", "ctx_hidden_dim", "dec_hidden_dim",
+    "latent_dim", "bow_hidden_dim",
+)  # fmt: skip
+
+
+def _check_cvae_model(config: ml_collections.ConfigDict) -> None:
+    """A dialog CVAE: its sizes, its data (a dialog corpus) and the objectives that have a
+    meaning with a conditional prior."""
+    for field in _CVAE_SIZES:
+        _positive_int(config, f"model.{field}")
+    if config.data.name != swda.NAME:
+        _fail(
+            "data.name",
+            config.data.name,
+            f"model.kind='cvae' needs the dialog corpus {swda.NAME!r}",
+        )
+    if config.objective == "dg_vae":
+        _fail("objective", "dg_vae", "the density gap is to N(0, I); a CVAE's prior is p(z|c)")
+
+
 def _check_data(config: ml_collections.ConfigDict) -> None:
     d = config.data
     if d.name == "synthetic":
         for field in ("num_sequences", "length", "vocab_size"):
             _positive_int(config, f"data.{field}")
         return
+    if d.name == swda.NAME:
+        if config.model.get("kind", "vae") != "cvae":
+            _fail("model.kind", config.model.get("kind", "vae"), "dialogs need 'cvae'")
+        for field in ("window", "max_utt_len", "max_vocab"):
+            _positive_int(config, f"data.{field}")
+        for field, names in (
+            ("data.train_split", [d.train_split]),
+            ("data.eval_splits", d.eval_splits),
+        ):
+            for name in names:
+                if name not in swda.SPLITS:
+                    _fail(field, name, f"{d.name} has splits {list(swda.SPLITS)}")
+        input_pipeline.check_buckets(d.bucket_lengths, 0)
+        swda.check_source_dirs(*swda.source_dirs(d.data_dir or None))
+        return
     if d.name not in text.CORPORA:
-        _fail("data.name", d.name, f"must be one of {['synthetic', *sorted(text.CORPORA)]}")
+        allowed = ["synthetic", swda.NAME, *sorted(text.CORPORA)]
+        _fail("data.name", d.name, f"must be one of {allowed}")
     _positive_int(config, "data.max_length")
     spec = text.get_spec(d.name)
     for field, names in (

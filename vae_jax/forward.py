@@ -1,6 +1,6 @@
 """The one forward pass: a model's outputs and its objective's sums for a batch.
 
-    objective_sum, sums, outputs = forward.apply(model, params, tokens, keys,
+    objective_sum, sums, outputs = forward.apply(model, params, batch, keys,
                                                  beta=β, objective=objectives.beta_elbo,
                                                  train=True)
 
@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vae_jax import models, objectives, savae
+from vae_jax import cvae, models, objectives, savae
 
 
 class Forward(NamedTuple):
@@ -36,9 +36,9 @@ class Forward(NamedTuple):
 
 
 def apply(
-    model: models.VAE,
+    model: models.VAE | cvae.CVAE,
     params: Any,
-    tokens: jnp.ndarray,
+    batch: dict[str, jnp.ndarray],
     keys: jnp.ndarray,
     *,
     beta: jnp.ndarray | float,
@@ -47,14 +47,34 @@ def apply(
 ) -> Forward:
     """The objective (Σ over sequences), its sums and the model's outputs for one batch.
 
+    ``batch``: ``tokens`` (B, T) and, for a CVAE, its context (`cvae` module docstring);
     ``keys``: one PRNG key per row (its z sample and, when ``train``, its dropout masks);
     ``train`` switches dropout on (and, for an SA-VAE, in its SVI steps too).
     """
     beta = jnp.asarray(beta, jnp.float32)
+    tokens = batch["tokens"]
     if isinstance(model, savae.SAVAE):
         return Forward(
             *savae.loss(model, params, tokens, keys, beta=beta, objective=objective, train=train)
         )
+    if isinstance(model, cvae.CVAE):
+        outputs = {**model.apply({"params": params}, batch, keys, train=train), "keys": keys}
+        objective_sum, sums = objectives.with_bow(objective(outputs, tokens, beta), outputs, tokens)
+        return Forward(objective_sum, sums, outputs)
     outputs = {**model.apply({"params": params}, tokens, keys, train=train), "keys": keys}
     objective_sum, sums = objective(outputs, tokens, beta)
     return Forward(objective_sum, sums, outputs)
+
+
+def example_batch(model: models.VAE | cvae.CVAE, length: int = 2) -> dict[str, jnp.ndarray]:
+    """A one-row batch of the model's input layout (zeros), rows ``length`` tokens long."""
+    if isinstance(model, cvae.CVAE):
+        return model.example_batch(length=length)
+    return {"tokens": jnp.zeros((1, length), jnp.int32)}
+
+
+def init(model: models.VAE | cvae.CVAE, rng: jax.Array, batch: dict[str, jnp.ndarray]) -> Any:
+    """Fresh parameters of ``model`` for batches shaped like ``batch``."""
+    keys = jax.random.split(rng, batch["tokens"].shape[0])
+    inputs = batch if isinstance(model, cvae.CVAE) else batch["tokens"]
+    return model.init(rng, inputs, keys, train=False)["params"]

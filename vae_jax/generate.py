@@ -10,6 +10,11 @@
 - prior: z ~ N(0, I); each z is decoded greedily and by sampling at ``--temperature``.
 - reconstruct: greedy decoding from the posterior mean μ(x) of each sentence.
 - interpolate: greedy decoding from z_t = (1 − t) μ(x_a) + t μ(x_b), t = 0, 0.1, …, 1.
+- responses (a dialog CVAE's run): for ``--num`` contexts drawn from ``--split`` (default
+  test), the last utterances, the true response and ``--num_samples`` responses, each decoded
+  greedily from its own z ~ p(z|c) (`vae_jax.responses`):
+
+    python -m vae_jax.generate --workdir=runs/swda_cyclical --mode responses --num 3
 
 Sentences come from ``--sentence`` (words of the corpus vocabulary; ids for the synthetic task,
 which has no words) or else are drawn at random (``--seed``) from ``--split``. Text corpora
@@ -31,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from vae_jax import cli, input_pipeline, metrics, models, runs  # noqa: E402
+from vae_jax import cli, cvae, input_pipeline, metrics, models, responses, runs  # noqa: E402
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
 
@@ -125,7 +130,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     """This command's flags, on ``fv``."""
     cli.define_run_flags(fv)
     flags.DEFINE_enum(
-        "mode", None, ["prior", "reconstruct", "interpolate"], "What to decode.", flag_values=fv
+        "mode",
+        None,
+        ["prior", "reconstruct", "interpolate", "responses"],
+        "What to decode (responses: a dialog run's).",
+        flag_values=fv,
     )
     flags.DEFINE_integer(
         "num", 5, "Prior samples / reconstructions.", lower_bound=1, flag_values=fv
@@ -136,6 +145,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("sentence", [], "Input sentence (repeatable).", flag_values=fv)
     flags.DEFINE_integer("steps", 10, "Interpolation intervals.", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Of prior samples and drawn sentences.", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_samples", 5, "Responses per context (--mode responses).", lower_bound=1,
+        flag_values=fv,
+    )  # fmt: skip
     flags.mark_flag_as_required("mode", flag_values=fv)
     flags.register_validator(
         "temperature", lambda t: t > 0, "--temperature must be > 0.", flag_values=fv
@@ -155,9 +168,30 @@ def run(fv: flags.FlagValues) -> list[str]:
         f"# {info['run_dir']}, checkpoint {info['checkpoint']} (step {info.get('step')})",
         file=sys.stderr,
     )
-    text = Text(data)
     key = jax.random.PRNGKey(fv.seed)
+    is_dialog = isinstance(model, cvae.CVAE)
+    if is_dialog != (fv.mode == "responses"):
+        raise ValueError(
+            f"--mode={fv.mode}: a dialog CVAE's run takes --mode=responses, and only it does."
+        )
     lines = []
+    if is_dialog:
+        split = fv.split or "test"
+        batcher = data.info["eval_batchers"][split]
+        candidates = responses.scored_rows(batcher)
+        pick = np.random.default_rng(fv.seed).choice(
+            len(candidates), min(fv.num, len(candidates)), replace=False
+        )
+        rows = np.sort(candidates[pick])
+        for r in responses.sample(model, params, batcher, rows, key, fv.num_samples, len(rows)):
+            lines += [
+                f"{split} row {r['row']}:",
+                responses.format_result(r, data.info["vocab"]),
+                "",
+            ]
+        print("\n".join(lines))
+        return lines
+    text = Text(data)
     if fv.mode == "prior":
         z = np.asarray(jax.random.normal(key, (fv.num, model.latent_dim)))
         greedy = decode(model, params, z, fv.max_length)

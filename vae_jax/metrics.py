@@ -50,18 +50,24 @@ def summarize(sums: Mapping[str, float]) -> dict[str, float]:
 
     rec = ΣRec / N, kl = ΣKL / N, elbo = −(rec + kl) (a lower bound on log p(x) per sequence),
     ppl_bound = exp((ΣRec + ΣKL) / #predicted tokens), ``</s>`` included: an upper bound on the
-    perplexity when Rec is estimated with one sample.
+    perplexity when Rec is estimated with one sample. A CVAE's sums add ``bow`` (its
+    bag-of-words loss per sequence) and ``rec_ppl`` = exp(ΣRec / #tokens), the response
+    perplexity of the official dialog code (one z from q(z|x, c)); its KL is to p(z|c).
     """
     n, tokens = float(sums["sequences"]), float(sums["tokens"])
     if n <= 0:
         raise ValueError("summarize: no sequences were summed (sums['sequences'] == 0).")
     rec, kl = float(sums["rec"]) / n, float(sums["kl"]) / n
-    return {
+    figures = {
         "rec": rec,
         "kl": kl,
         "elbo": -(rec + kl),
         "ppl_bound": exp_or_inf((rec + kl) * n / tokens) if tokens > 0 else float("nan"),
     }
+    if "bow" in sums:  # a CVAE's: its bag-of-words loss, and the official response perplexity
+        figures["bow"] = float(sums["bow"]) / n
+        figures["rec_ppl"] = exp_or_inf(rec * n / tokens) if tokens > 0 else float("nan")
+    return figures
 
 
 Batches = Sequence[Mapping[str, np.ndarray]]
@@ -73,15 +79,16 @@ Batches = Sequence[Mapping[str, np.ndarray]]
 @functools.partial(jax.jit, static_argnames=("model", "objective"))
 def _split_batch(
     params: Any,
-    tokens: jnp.ndarray,
+    batch: dict[str, jnp.ndarray],
     key: jax.Array,
     *,
     model: models.VAE,
     objective: objectives.Objective,
 ) -> tuple[dict, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    tokens = batch["tokens"]
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(tokens.shape[0]))
     _, sums, outputs = forward.apply(
-        model, params, tokens, keys, beta=1.0, objective=objective, train=False
+        model, params, batch, keys, beta=1.0, objective=objective, train=False
     )
     return sums, outputs["mu"], outputs["logvar"], sequence_lengths(tokens) > 0
 
@@ -109,7 +116,7 @@ def elbo_and_posteriors(
     total, out = None, []
     for i, batch in enumerate(batches):
         sums, *posterior = _split_batch(
-            params, batch["tokens"], jax.random.fold_in(key, i), model=model, objective=objective
+            params, dict(batch), jax.random.fold_in(key, i), model=model, objective=objective
         )
         total = add_sums(total, jax.device_get(sums))
         out.append(jax.device_get(posterior))

@@ -46,6 +46,33 @@ def gaussian_kl(mu: jnp.ndarray, logvar: jnp.ndarray) -> jnp.ndarray:
     return jnp.sum(gaussian_kl_per_dim(mu, logvar), axis=-1)
 
 
+def kl_per_dim(outputs: dict[str, jnp.ndarray]) -> jnp.ndarray:
+    """KL(q(z|·) ‖ prior) per example and dimension: to N(0, I) (`gaussian_kl_per_dim`), or,
+    where the outputs carry a prior of their own (a CVAE's p(z|c) = N(μ', diag σ'²)),
+
+        ½ (log σ'² − log σ² + (σ² + (μ − μ')²) / σ'² − 1)    (Zhao et al. 2017, Eq. 2's KL).
+    """
+    mu, logvar = outputs["mu"], outputs["logvar"]
+    if "prior_mu" not in outputs:
+        return gaussian_kl_per_dim(mu, logvar)
+    prior_mu, prior_logvar = outputs["prior_mu"], outputs["prior_logvar"]
+    ratio = (jnp.exp(logvar) + jnp.square(mu - prior_mu)) * jnp.exp(-prior_logvar)
+    return 0.5 * (prior_logvar - logvar + ratio - 1.0)
+
+
+def with_bow(
+    result: tuple[jnp.ndarray, dict[str, jnp.ndarray]],
+    outputs: dict[str, jnp.ndarray],
+    tokens: jnp.ndarray,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """An objective's ``(objective_sum, sums)`` plus Zhao et al.'s (2017) bag-of-words loss
+    Σ_n BOW_n (``outputs["bow_nll"]``, real rows only), which it also reports as ``sums["bow"]``:
+    the CVAE's objective is Rec + β·KL + BOW whatever the KL term's remedy."""
+    objective_sum, sums = result
+    bow = jnp.sum(jnp.where(_real(tokens), outputs["bow_nll"], 0.0))
+    return objective_sum + bow, {**sums, "bow": bow}
+
+
 def reconstruction(logits: jnp.ndarray, tokens: jnp.ndarray) -> jnp.ndarray:
     """Rec = −Σ_t log p(x_t | x_<t, z) over the targets ``tokens[:, 1:]`` that are not padding.
 
@@ -72,9 +99,10 @@ def beta_elbo(
     outputs: dict[str, jnp.ndarray], tokens: jnp.ndarray, beta: jnp.ndarray
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """Σ_n Rec_n + β·KL_n: the negative β-weighted ELBO (Fu et al. 2019, Eq. 4) summed over
-    the batch, with Rec estimated from one z sample and KL analytic."""
+    the batch, with Rec estimated from one z sample and KL analytic (to the model's prior:
+    `kl_per_dim`)."""
     rec = reconstruction(outputs["logits"], tokens)
-    kl = gaussian_kl(outputs["mu"], outputs["logvar"])
+    kl = jnp.sum(kl_per_dim(outputs), axis=-1)
     sums = batch_sums(rec, kl, tokens)
     return sums["rec"] + beta * sums["kl"], sums
 
@@ -95,8 +123,7 @@ def free_bits(
     the gradient of a dimension's KL vanishes while its batch mean is under λ."""
     real = _real(tokens)
     rec = reconstruction(outputs["logits"], tokens)
-    mu, logvar = outputs["mu"], outputs["logvar"]
-    kl_dims = gaussian_kl_per_dim(mu, logvar)  # (B, D)
+    kl_dims = kl_per_dim(outputs)  # (B, D)
     sums = batch_sums(rec, jnp.sum(kl_dims, -1), tokens)
     n = jnp.maximum(sums["sequences"], 1.0)
     kl_mean = jnp.sum(jnp.where(real[:, None], kl_dims, 0.0), 0) / n

@@ -24,20 +24,26 @@ import socket
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_jax import checkpoints, input_pipeline, models, population, savae
+from vae_jax import checkpoints, cvae, forward, input_pipeline, models, population, savae
 
 CONFIG, METRICS, BEST, DATA = "config.json", "metrics.jsonl", "best", "data.json"
 
 
-def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.VAE:
-    """The VAE of ``config.model``; an `savae.SAVAE` (refined by SVI) when svi_steps > 0."""
+def make_model(
+    config: ml_collections.ConfigDict, vocab_size: int, num_topics: int = 0
+) -> models.VAE | cvae.CVAE:
+    """The model of ``config.model``: a `cvae.CVAE` where ``kind`` is "cvae" (``num_topics``
+    from its data), else the VAE, an `savae.SAVAE` (refined by SVI) when svi_steps > 0."""
     # Lists (a config read back from JSON) as tuples: a module is a static, hashed argument.
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.to_dict().items()}
+    if fields.pop("kind", "vae") == "cvae":
+        if num_topics < 1:
+            raise ValueError("make_model: a CVAE needs the number of topics of its data.")
+        return cvae.CVAE(vocab_size=vocab_size, num_topics=num_topics, **fields)
     if fields.get("svi_steps", 0) > 0:
         return savae.SAVAE(vocab_size=vocab_size, **fields)
     fields = {k: v for k, v in fields.items() if k not in savae.SVI_FIELDS}
@@ -238,8 +244,9 @@ def best_ppl_bound(workdir: str) -> float:
 
 def check_params(model: models.VAE, params: Any, where: str) -> None:
     """Raises ``ValueError`` naming ``where`` unless ``params`` has the shapes ``model`` makes."""
-    tokens, keys = jnp.zeros((1, 2), jnp.int32), jax.random.split(jax.random.PRNGKey(0), 1)
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, keys, train=False))
+    example = forward.example_batch(model)
+    fresh = jax.eval_shape(lambda: forward.init(model, jax.random.PRNGKey(0), example))
+    expected = {"params": fresh}
     want = {
         jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(expected)
     }
@@ -305,7 +312,7 @@ def load_run(
     data = input_pipeline.get_data(config)
     if os.path.exists(os.path.join(run_dir, DATA)):  # workdirs from before data.json: unchecked
         bind_data(config, data, run_dir)
-    model = make_model(config, data.vocab_size)
+    model = make_model(config, data.vocab_size, data.num_topics)
     check_params(model, params, f"{run_dir} checkpoint {checkpoint!r}")
     return config, data, model, params, info
 

@@ -113,11 +113,14 @@ def create_train_state(
     model: models.VAE,
     lr_fn: schedules.Schedule,
     rng: jax.Array,
-    seq_len: int,
+    example: int | dict[str, Any],
 ) -> TrainState:
+    """The state at step 0. ``example``: a batch of the data's layout (a one-row one will do),
+    or for token-only models the length of its rows."""
     init_rng, run_rng = jax.random.split(rng)
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(init_rng, tokens, jax.random.split(init_rng, 1), train=False)["params"]
+    if isinstance(example, int):
+        example = forward.example_batch(model, example)
+    params = forward.init(model, init_rng, example)
     tx = make_tx(config.grad_clip_norm, lr_fn)
     return TrainState.create(
         apply_fn=model.apply,
@@ -166,7 +169,7 @@ def train_step(
 
     def loss_fn(params):
         objective_sum, sums, outputs = forward.apply(
-            model, params, tokens, keys, beta=beta, objective=objective, train=True
+            model, params, batch, keys, beta=beta, objective=objective, train=True
         )
         return objective_sum / jnp.maximum(num_seqs, 1), (sums, outputs["bn_stats"])
 
@@ -236,7 +239,7 @@ def eval_step(
     tokens = batch["tokens"]
     keys = example_keys(key, tokens.shape[0])
     _, sums, _ = forward.apply(
-        model, params, tokens, keys, beta=1.0, objective=objective, train=False
+        model, params, batch, keys, beta=1.0, objective=objective, train=False
     )
     return jax.lax.psum(sums, AXIS)
 
@@ -254,7 +257,7 @@ def make_p_train_step(
 ) -> Callable:
     """`train_step` pmapped over ``devices`` (default: all local ones) along `AXIS`, the input
     state donated; ``compilations["train_step_compilations"]`` counts its traces."""
-    if model.bn_gamma > 0:  # BN-VAE: batch statistics over the global batch, all devices
+    if getattr(model, "bn_gamma", 0) > 0:  # BN-VAE: batch statistics over the global batch
         model = model.clone(bn_axis_name=AXIS)
     step = functools.partial(
         train_step,
@@ -338,7 +341,7 @@ def make_p_population_step(
     returned state carries the shared template ``tx`` again, so the state's structure is the
     same for every member and every step.
     """
-    if model.bn_gamma > 0:
+    if getattr(model, "bn_gamma", 0) > 0:
         model = model.clone(bn_axis_name=AXIS)
     beta_fn, lr_fn, objective, clip = member_hyperparameters(configs, steps_per_epoch)
 
@@ -429,6 +432,7 @@ def _train_record(step_metrics: list[dict[str, np.ndarray]]) -> dict[str, float]
                 "elbo": -(rec + kl),
                 "loss": m["loss"],  # the objective's: Rec + β·KL, or a remedy's
                 "nll_per_token": m["rec"] / m["tokens"],
+                **({"bow": m["bow"] / m["sequences"]} if "bow" in m else {}),  # a CVAE's
             }
         )
     record = {k: float(np.mean([p[k] for p in per_step])) for k in per_step[0]} if per_step else {}
@@ -566,7 +570,7 @@ def _train_and_evaluate(
     beta_fn, lr_fn = make_schedules(config, steps_per_epoch)
     _warn_unfinished_warmup(config, steps_per_epoch, num_steps)
     objective = objectives.make(config)
-    model = runs.make_model(config, data.vocab_size)
+    model = runs.make_model(config, data.vocab_size, data.num_topics)
     # A single run is a population of one without the member axis; a population's member k
     # writes its own records under WORKDIR/members/<k>/ (vae_jax.population).
     is_population = population.is_population(config)
@@ -577,12 +581,12 @@ def _train_and_evaluate(
     checkpointer = checkpoints.Checkpointer(
         workdir, keep=config.checkpoints_to_keep, keep_period=config.checkpoint_keep_period
     )
-    seq_len = next(data.train(0))["tokens"].shape[1]
+    example = jax.tree.map(lambda x: x[:1], next(data.train(0)))
     states = []
     for member in members:
         member_lr = make_schedules(member, steps_per_epoch)[1]
         rng = jax.random.PRNGKey(member.seed)
-        states.append(create_train_state(member, model, member_lr, rng, seq_len))
+        states.append(create_train_state(member, model, member_lr, rng, example))
     state = stack_states(states) if is_population else states[0]
     start = 0
     latest = checkpointer.restore_latest(target=state)  # the latest whole one

@@ -51,6 +51,7 @@ record counts, and rebuilds (with a warning naming the directory) a build that w
 """
 
 import collections
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -58,7 +59,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -761,10 +762,10 @@ def _build_files(data_dir: Path) -> dict[str, str]:
     }
 
 
-def _damage(builder: VaeText) -> str | None:
+def _damage(builder: tfds.core.DatasetBuilder, count_key: str = "sentences") -> str | None:
     """What is wrong with a prepared build's files (None if nothing): missing or changed
     array_record files against the digests written after the build, or record counts that
-    differ from its statistics."""
+    differ from its statistics (``metadata["stats"][split][count_key]``)."""
     data_dir = Path(builder.data_dir)
     sidecar = data_dir / _FILES
     if not sidecar.exists():
@@ -778,7 +779,7 @@ def _damage(builder: VaeText) -> str | None:
     try:
         sources = builder.as_data_source()
         stats = builder.info.metadata["stats"]
-        counts = {s: (len(sources[s]), st["sentences"]) for s, st in stats.items()}
+        counts = {s: (len(sources[s]), st[count_key]) for s, st in stats.items()}
     except Exception as e:  # noqa: BLE001  (whatever TFDS or array_record raise)
         return f"unreadable ({type(e).__name__}: {e})"
     wrong = {s: c for s, c in counts.items() if c[0] != c[1]}
@@ -830,12 +831,77 @@ def load(
     fingerprint = _current_fingerprint(spec, layout, max_length)
 
     config = _make_config(corpus, max_length, fingerprint_id(fingerprint))
-    os.makedirs(tfds_dir, exist_ok=True)
-    # Processes loading the same build at once (a sweep's parallel jobs) take turns: the
-    # first builds it, the others then find it prepared.
-    with open(os.path.join(os.fspath(tfds_dir), f"{config.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _build_lock(tfds_dir, config.name):
         return _build_or_open(spec, config, layout, fingerprint, source_dir, tfds_dir, max_length)
+
+
+@contextlib.contextmanager
+def _build_lock(tfds_dir: str | os.PathLike, name: str) -> Iterator[None]:
+    """Holds ``<tfds_dir>/<name>.lock`` (``flock``, released however the holder exits):
+    processes loading the same build at once (a sweep's parallel jobs) take turns, the first
+    builds it, the others then find it prepared."""
+    os.makedirs(tfds_dir, exist_ok=True)
+    with open(os.path.join(os.fspath(tfds_dir), f"{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _ensure_prepared(
+    make_builder: Callable[[], tfds.core.DatasetBuilder],
+    fingerprint: Mapping[str, Any],
+    *,
+    name: str,
+    manual_dir: str | os.PathLike,
+    source_desc: str,
+    count_key: str = "sentences",
+) -> tuple[tfds.core.DatasetBuilder, bool]:
+    """Makes sure the build of ``make_builder()`` exists, is of ``fingerprint`` and is
+    undamaged, (re)building it otherwise; call it holding :func:`_build_lock`.
+
+    Returns the builder (a fresh one after a build, reading back exactly what was written, as
+    a later load would) and whether it was built now. ``name`` and ``source_desc`` only word
+    the messages; ``count_key`` is the per-split record count in ``metadata["stats"]``.
+    """
+    builder = make_builder()
+    # Checking existence first: is_prepared() logs a warning for a folder that is not there.
+    exists = builder.data_path.exists()
+    prepared = exists and builder.is_prepared()
+    if prepared and builder.info.metadata.get("fingerprint") != fingerprint:
+        # The name carries the fingerprint's hash: only a hash collision or a hand-edited
+        # build gets here.
+        logger.warning(
+            "%s: the build at %s is of other sources; rebuilding it", name, builder.data_dir
+        )
+        prepared = False
+    if prepared:
+        damage = _damage(builder, count_key)
+        if damage:
+            logger.warning(
+                "%s: the build at %s is damaged (%s); rebuilding it",
+                name,
+                builder.data_dir,
+                damage,
+            )
+            shutil.rmtree(builder.data_dir)
+            builder, exists, prepared = make_builder(), False, False
+    if prepared:
+        return builder, False
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    if exists:
+        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # deletes, then regenerates
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir),
+            download_mode=mode,
+            try_download_gcs=False,
+        )
+    )
+    files = _build_files(Path(builder.data_dir))
+    (Path(builder.data_dir) / _FILES).write_text(json.dumps(files, indent=1), encoding="utf-8")
+    builder = make_builder()
+    if builder.info.metadata.get("fingerprint") != fingerprint:
+        raise RuntimeError(f"{name}: source files in {source_desc} changed during the build")
+    return builder, True
 
 
 def _build_or_open(
@@ -848,53 +914,22 @@ def _build_or_open(
     max_length: int,
 ) -> TextDataset:
     """`load` once it holds the build's lock."""
-    corpus = spec.name
 
     def make_builder() -> VaeText:
         return VaeText(config=config, data_dir=os.fspath(tfds_dir), file_format="array_record")
 
-    builder = make_builder()
-    # Checking existence first: is_prepared() logs a warning for a folder that is not there.
-    exists = builder.data_path.exists()
-    prepared = exists and builder.is_prepared()
-    if prepared and builder.info.metadata.get("fingerprint") != fingerprint:
-        # The name carries the fingerprint's hash: only a hash collision or a hand-edited
-        # build gets here.
-        logger.warning(
-            "%s: the build at %s is of other sources; rebuilding it", corpus, builder.data_dir
-        )
-        prepared = False
-    if prepared:
-        damage = _damage(builder)
-        if damage:
-            logger.warning(
-                "%s: the build at %s is damaged (%s); rebuilding it",
-                corpus,
-                builder.data_dir,
-                damage,
-            )
-            shutil.rmtree(builder.data_dir)
-            builder, exists, prepared = make_builder(), False, False
-    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    if exists and not prepared:
-        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # deletes, then regenerates
-    if not prepared:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.fspath(layout.source_dir),
-                download_mode=mode,
-                try_download_gcs=False,
-            )
-        )
-        files = _build_files(Path(builder.data_dir))
-        (Path(builder.data_dir) / _FILES).write_text(json.dumps(files, indent=1), encoding="utf-8")
-        # A fresh builder reads back exactly what was written, as a later load() would.
-        builder = make_builder()
-        if builder.info.metadata.get("fingerprint") != fingerprint:
-            raise RuntimeError(f"{corpus}: source files in {source_dir} changed during the build")
-        return _open(builder, spec)
+    builder, built = _ensure_prepared(
+        make_builder,
+        fingerprint,
+        name=spec.name,
+        manual_dir=layout.source_dir,
+        source_desc=os.fspath(source_dir),
+    )
     dataset = _open(builder, spec)
-    _log_deviations(spec, dataset.missing_splits, dataset.vocab_source, dataset.stats, max_length)
+    if not built:  # a build logs its deviations while preparing
+        _log_deviations(
+            spec, dataset.missing_splits, dataset.vocab_source, dataset.stats, max_length
+        )
     return dataset
 
 
