@@ -11,16 +11,20 @@ from conftest import REPO
 
 def test_benchmark_runs_and_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "experiments" / "benchmark.py"), "--only", "ptb_23"]
-    command += ["--steps", "2", "--warmup", "1", "--out", str(out)]
+    command = [sys.executable, str(REPO / "experiments" / "benchmark.py")]
+    command += ["--only", "ptb_23,cvae_swda", "--steps", "2", "--warmup", "1", "--out", str(out)]
     command += ["--profile", str(tmp_path / "profile")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((tmp_path / "profile" / "ptb_23").rglob("*.trace.json.gz"))
     assert "ptb_23" in proc.stdout and "% peak" in proc.stdout
     result = json.loads(out.read_text())
-    assert result["backend"] == "cpu" and len(result["peak_gflops_all"]) == 1 + 2  # 2 rounds
-    (row,) = result["configs"]
+    assert result["backend"] == "cpu" and len(result["peak_gflops_all"]) == 1 + 2 + 2  # rounds
+    row, dialog = result["configs"]
+    # The dialog CVAE at the paper's sizes: 30 responses, 9 context utterances of 40 tokens.
+    assert dialog["name"] == "cvae_swda" and (dialog["batch"], dialog["context"]) == (30, 9)
+    assert (dialog["emb"], dialog["hidden"], dialog["latent"]) == (200, 400, 200)
+    assert dialog["utterance_length"] == 40 and 0 < dialog["fraction_of_peak"] < 1
     assert (row["emb"], row["hidden"], row["latent"], row["batch"], row["length"]) == (
         256, 256, 32, 32, 23,
     )  # fmt: skip

@@ -163,3 +163,14 @@ def test_generate_samples_from_the_prior_by_key(model_and_params):
     a = model.apply({"params": params}, batch, keys, 6, method=cvae.CVAE.generate)
     b = model.apply({"params": params}, batch, keys, 6, z, method=cvae.CVAE.generate)
     np.testing.assert_array_equal(a, b)
+
+
+def test_generate_encodes_a_context_once_for_its_samples(model_and_params):
+    model, params = model_and_params
+    batch = make_batch(12, filler=0)
+    keys = jax.random.split(jax.random.PRNGKey(13), 4 * 3)
+    once = model.apply({"params": params}, batch, keys, 6, None, 3, method=cvae.CVAE.generate)
+    tiled = {k: np.repeat(v, 3, axis=0) for k, v in batch.items()}
+    each = model.apply({"params": params}, tiled, keys, 6, method=cvae.CVAE.generate)
+    np.testing.assert_array_equal(once, each)
+    assert once.shape == (12, 6)

@@ -26,7 +26,7 @@ def _loss_and_grads(kernel_name: str, dropout: float, dtype: str = "float32"):
 
     def loss(p):
         total, _, _ = forward.apply(
-            model, p, tokens, keys, beta=0.7, objective=objectives.beta_elbo, train=True
+            model, p, {"tokens": tokens}, keys, beta=0.7, objective=objectives.beta_elbo, train=True
         )
         return total
 

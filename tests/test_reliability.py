@@ -444,7 +444,8 @@ def test_a_second_process_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_ove
 
 def test_a_second_training_process_is_refused_at_once(tmp_path):
     workdir = tmp_path / "run"
-    first = Run(workdir)
+    # Long enough never to finish while the second one starts, however loaded the machine.
+    first = Run(workdir, "--config.num_train_steps=1000000")
     wait_for_checkpoint(workdir, first)
     second = run_python(["-m", "vae_jax.main", "--config=configs/synthetic.py:cyclical",
                          f"--workdir={workdir}", *TINY_FLAGS], timeout=120)  # fmt: skip

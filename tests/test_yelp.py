@@ -104,6 +104,22 @@ def test_pretrain_then_classify(tmp_path):
         assert 0.3 < size["test_acc_mean"] < 1.0 and len(size["probes"]) == 2
     assert (tmp_path / "out" / "accuracy.png").exists()
     assert "| VAE, cyclical |" in (tmp_path / "out" / "table.md").read_text()
+    assert result["protocol"] == "encoder frozen"
+    # The encoder trained with the classifier: the same protocol otherwise.
+    out = run_python(
+        ["experiments/yelp_classify.py", workdir, f"--out={tmp_path / 'ft'}", "--sizes=100",
+         "--seeds=2", "--steps=20", "--eval_every=10", "--finetune_encoder"],
+        env={"VAE_JAX_TFDS_DIR": str(tmp_path / "tfds")},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "ft" / "run.json") as f:
+        tuned = json.load(f)
+    assert tuned["protocol"] == "encoder fine-tuned"
+    probes = tuned["sizes"]["100"]["probes"]
+    assert len(probes) == 2 and all(
+        0.3 < p["test_acc"] < 1.0 and p["step"] in (10, 20) for p in probes
+    )
+    assert "| VAE, cyclical (fine-tuned) |" in (tmp_path / "ft" / "table.md").read_text()
 
 
 def test_yelp_variants_check():

@@ -196,11 +196,13 @@ class CVAE(nn.Module):
         keys: jnp.ndarray,
         max_length: int,
         z: jnp.ndarray | None = None,
+        num_samples: int = 1,
     ) -> jnp.ndarray:
-        """Responses (B, max_length) decoded greedily from z ~ p(z|c), one z per row from its
-        key (or from the given ``z``): ``w₁ … w_n </s>`` then ``<pad>`` (a row without
-        ``</s>`` was cut)."""
-        c = self.condition(batch)
+        """Responses (B·S, max_length) decoded greedily, S = ``num_samples`` per context (rows
+        in (context, sample) order), each from its own z ~ p(z|c) drawn from its key in
+        ``keys`` (B·S, 2), or from the given ``z``: ``w₁ … w_n </s>`` then ``<pad>`` (a row
+        without ``</s>`` was cut). The context is encoded once for its S samples."""
+        c = jnp.repeat(self.condition(batch), num_samples, axis=0)
         if z is None:
             z = sample(*self.prior(c), keys)
         gru = self.dec_rnn

@@ -24,9 +24,14 @@ from vae_jax import cvae, dialog_metrics
 from vae_jax.tokens import EOS_ID, PAD_ID
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length"))
-def _generate(params: Any, batch: dict, keys: jnp.ndarray, *, model: cvae.CVAE, max_length: int):
-    return model.apply({"params": params}, batch, keys, max_length, method=cvae.CVAE.generate)
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "num_samples"))
+def _generate(
+    params: Any, batch: dict, keys: jnp.ndarray, *, model: cvae.CVAE, max_length: int,
+    num_samples: int,
+) -> jnp.ndarray:  # fmt: skip
+    return model.apply(
+        {"params": params}, batch, keys, max_length, None, num_samples, method=cvae.CVAE.generate
+    )
 
 
 def words(ids: Sequence[int], vocab) -> list[str]:
@@ -63,9 +68,12 @@ def sample(
         n = len(chunk)
         # A fixed number of rows per call (the last chunk padded): one compilation.
         batch = batcher.batch(chunk, size=batch_rows)
-        tiled = {k: np.repeat(v, num_samples, axis=0) for k, v in batch.items() if k != "acts"}
+        inputs = {k: v for k, v in batch.items() if k != "acts"}
         keys = _sample_keys(key, np.pad(chunk, (0, batch_rows - n)), num_samples)
-        out = np.asarray(_generate(params, tiled, keys, model=model, max_length=max_length))
+        out = _generate(
+            params, inputs, keys, model=model, max_length=max_length, num_samples=num_samples
+        )
+        out = np.asarray(out)
         out = out.reshape(batch_rows, num_samples, -1)
         for j, r in enumerate(chunk):
             length = int(batch["context_lengths"][j])
