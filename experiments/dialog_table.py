@@ -126,16 +126,15 @@ def main() -> None:
         slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
         with open(os.path.join(args.out, f"{slug}.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1, default=str)
-        print(
-            f"{workdir}: checkpoint {args.checkpoint} (step {step}), {result['contexts']} contexts"
-        )
+        contexts = int(result["contexts"])
+        print(f"{workdir}: checkpoint {args.checkpoint} (step {step}), {contexts} contexts")
     vocab = data.info["vocab"]
     trained = ", ".join(
         f"{n}: {r['trained_steps']} steps" for n, r in zip(names, results, strict=True)
     )
     note = (
         f"{args.split} split, checkpoint `{args.checkpoint}` (steps {steps}); trained {trained}. "
-        f"{results[0]['contexts']} contexts × {args.num_samples} samples from p(z|c), greedy "
+        f"{int(results[0]['contexts'])} contexts × {args.num_samples} samples from p(z|c), greedy "
         "decoding, one reference per context (the true response). Training data: the SwDA "
         "stand-in (~1,100 dialogs instead of the original 2,316; `vae_jax.datasets.swda`). "
         + ("" if vectors else "A-bow/E-bow not computed: no word vectors were given. ")
