@@ -168,3 +168,21 @@ def test_evaluate_and_generate_on_a_dialog_run(trained):
     assert gen.stdout.count("reference >>") == 2 and gen.stdout.count("sample 4 >>") == 2
     bad = run_python(["-m", "vae_jax.generate", f"--workdir={workdir}", "--mode=prior"])
     assert bad.returncode != 0 and "--mode=responses" in bad.stderr
+
+
+@needs_swda
+def test_dialog_table_writes_table_2s_layout(trained):
+    _, workdir, _, tmp = trained
+    out_dir = tmp / "table"
+    out = run_python(
+        ["experiments/dialog_table.py", workdir, f"--out={out_dir}", "--checkpoint=last",
+         "--max_contexts=6", "--num_samples=2", "--show=2"]
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = (out_dir / "table.md").read_text()
+    assert "| Rec-P ↓ |" in table and "| BLEU-4 F |" in table and "stand-in" in table
+    assert "A-bow" not in table.split("\n\n")[0]  # no word vectors: no such rows
+    result = json.loads((out_dir / "cvae_cyclical.json").read_text())
+    assert result["contexts"] == 6 and result["trained_steps"] == 12
+    assert (out_dir / "curves.png").exists()
+    assert (out_dir / "samples.md").read_text().count("sample 1 >>") == 2
