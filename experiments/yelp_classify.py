@@ -75,71 +75,77 @@ def balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.
     return np.concatenate(picks)
 
 
+def select_by_dev(
+    subsets: np.ndarray, setup, *, steps: int, eval_every: int, lr: float, seed: int
+) -> list[dict]:
+    """Trains one classifier per row of ``subsets`` (S, n), all at once (`jax.vmap`), and
+    selects each by dev accuracy. ``setup(subset)`` gives the initial parameters, the loss
+    ``loss(p, idx)`` of the rows ``idx`` and ``checks(p)`` = (dev, test accuracy); Adam at
+    ``lr`` on minibatches of 32 drawn with replacement from the subset, checked every
+    ``eval_every`` steps. Returns each one's best dev accuracy (the first such check), that
+    check's step and its test accuracy."""
+    tx = optax.adam(lr)
+
+    def run(subset, key):
+        params, loss, checks = setup(subset)
+
+        def chunk(carry, k):
+            def step(carry, key):
+                params, opt_state = carry
+                idx = subset[jax.random.randint(key, (32,), 0, subset.shape[0])]
+                updates, opt_state = tx.update(jax.grad(loss)(params, idx), opt_state)
+                return (optax.apply_updates(params, updates), opt_state), None
+
+            keys = jax.random.split(jax.random.fold_in(key, k), eval_every)
+            carry, _ = jax.lax.scan(step, carry, keys)
+            return carry, checks(carry[0])
+
+        init = (params, tx.init(params))
+        _, (dev_acc, test_acc) = jax.lax.scan(chunk, init, jnp.arange(steps // eval_every))
+        best = jnp.argmax(dev_acc)  # the first of the best
+        return dev_acc[best], test_acc[best], (best + 1) * eval_every
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), subsets.shape[0])
+    dev_best, test_at_best, step = jax.jit(jax.vmap(run))(jnp.asarray(subsets), keys)
+    return [
+        {"dev_acc": float(d), "test_acc": float(t), "step": int(s)}
+        for d, t, s in zip(dev_best, test_at_best, step, strict=True)
+    ]
+
+
 def fit_probes(
     train_x: np.ndarray,
     train_y: np.ndarray,
     subsets: np.ndarray,
     dev: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
-    *,
-    steps: int,
-    eval_every: int,
-    lr: float,
-    seed: int,
+    **fit,
 ) -> list[dict]:
-    """One linear probe per row of ``subsets`` (S, n), trained together; each one's best dev
-    accuracy, its check's step and that check's test accuracy."""
+    """One linear probe on the frozen features per row of ``subsets`` (`select_by_dev`)."""
     x = jnp.asarray(train_x)
     y = jnp.asarray(train_y, jnp.float32)
-    subsets = jnp.asarray(subsets)
     dev_x, dev_y = jnp.asarray(dev[0]), jnp.asarray(dev[1])
     test_x, test_y = jnp.asarray(test[0]), jnp.asarray(test[1])
-    tx = optax.adam(lr)
 
-    def run(subset, key):
+    def setup(subset):
         # Standardised with the labelled set's own statistics: Adam's fixed step then means
         # the same for every feature scale (posterior means can be tiny).
         mean = jnp.mean(x[subset], axis=0)
         scale = jnp.std(x[subset], axis=0) + 1e-6
 
-        def accuracy(p, xs, ys):
-            logits = ((xs - mean) / scale) @ p["w"] + p["b"]
-            return jnp.mean((logits > 0).astype(jnp.int32) == ys)
+        def logits(p, xs):
+            return ((xs - mean) / scale) @ p["w"] + p["b"]
 
-        params = {"w": jnp.zeros((x.shape[1],)), "b": jnp.zeros(())}
-        opt_state = tx.init(params)
+        def accuracy(p, xs, ys):
+            return jnp.mean((logits(p, xs) > 0).astype(jnp.int32) == ys)
 
         def loss(p, idx):
-            logits = ((x[idx] - mean) / scale) @ p["w"] + p["b"]
-            return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y[idx]))
+            return jnp.mean(optax.sigmoid_binary_cross_entropy(logits(p, x[idx]), y[idx]))
 
-        def chunk(carry, k):
-            params, opt_state = carry
+        params = {"w": jnp.zeros((x.shape[1],)), "b": jnp.zeros(())}
+        return params, loss, lambda p: (accuracy(p, dev_x, dev_y), accuracy(p, test_x, test_y))
 
-            def step(carry, key):
-                params, opt_state = carry
-                idx = subset[jax.random.randint(key, (32,), 0, subset.shape[0])]
-                grads = jax.grad(loss)(params, idx)
-                updates, opt_state = tx.update(grads, opt_state)
-                return (optax.apply_updates(params, updates), opt_state), None
-
-            keys = jax.random.split(jax.random.fold_in(key, k), eval_every)
-            (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), keys)
-            checks = (accuracy(params, dev_x, dev_y), accuracy(params, test_x, test_y))
-            return (params, opt_state), checks
-
-        _, (dev_acc, test_acc) = jax.lax.scan(
-            chunk, (params, opt_state), jnp.arange(steps // eval_every)
-        )
-        best = jnp.argmax(dev_acc)  # the first of the best
-        return dev_acc[best], test_acc[best], (best + 1) * eval_every
-
-    keys = jax.random.split(jax.random.PRNGKey(seed), subsets.shape[0])
-    dev_best, test_at_best, step = jax.jit(jax.vmap(run))(subsets, keys)
-    return [
-        {"dev_acc": float(d), "test_acc": float(t), "step": int(s)}
-        for d, t, s in zip(dev_best, test_at_best, step, strict=True)
-    ]
+    return select_by_dev(subsets, setup, **fit)
 
 
 def rows(batches) -> tuple[np.ndarray, np.ndarray]:
@@ -160,70 +166,40 @@ def fit_finetuned(
     subsets: np.ndarray,
     dev: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
-    *,
-    steps: int,
-    eval_every: int,
-    lr: float,
-    seed: int,
     eval_batch: int = 1024,
+    **fit,
 ) -> list[dict]:
     """`fit_probes` with the encoder trained too: p(y=1|x) = σ(wᵀ(μ_θ(x) − m)/s + b), θ
     starting at the pre-trained encoder (one copy per row of ``subsets``), (m, s) the labelled
     set's feature statistics under it."""
     x, y = jnp.asarray(train[0]), jnp.asarray(train[1], jnp.float32)
-    subsets = jnp.asarray(subsets)
-    tx = optax.adam(lr)
+    dev_x, dev_y = jnp.asarray(dev[0]), jnp.asarray(dev[1])
+    test_x, test_y = jnp.asarray(test[0]), jnp.asarray(test[1])
 
     def mu(theta, tokens):
         return model.apply({"params": theta}, tokens, method=models.VAE.encode)[0]
 
-    def accuracy(p, mean, scale, xs, ys):
-        hits = 0
-        for lo in range(0, xs.shape[0], eval_batch):  # static chunks: bounded memory
-            logits = ((mu(p["encoder"], xs[lo : lo + eval_batch]) - mean) / scale) @ p["w"]
-            hits += jnp.sum(((logits + p["b"]) > 0).astype(jnp.int32) == ys[lo : lo + eval_batch])
-        return hits / xs.shape[0]
-
-    dev_x, dev_y = jnp.asarray(dev[0]), jnp.asarray(dev[1])
-    test_x, test_y = jnp.asarray(test[0]), jnp.asarray(test[1])
-
-    def run(subset, key):
+    def setup(subset):
         initial = mu(params, x[subset])
         mean, scale = jnp.mean(initial, axis=0), jnp.std(initial, axis=0) + 1e-6
-        p = {"encoder": params, "w": jnp.zeros((initial.shape[1],)), "b": jnp.zeros(())}
-        opt_state = tx.init(p)
+
+        def logits(p, tokens):
+            return ((mu(p["encoder"], tokens) - mean) / scale) @ p["w"] + p["b"]
+
+        def accuracy(p, xs, ys):
+            hits = 0
+            for lo in range(0, xs.shape[0], eval_batch):  # static chunks: bounded memory
+                hit = (logits(p, xs[lo : lo + eval_batch]) > 0).astype(jnp.int32)
+                hits += jnp.sum(hit == ys[lo : lo + eval_batch])
+            return hits / xs.shape[0]
 
         def loss(p, idx):
-            logits = ((mu(p["encoder"], x[idx]) - mean) / scale) @ p["w"] + p["b"]
-            return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y[idx]))
+            return jnp.mean(optax.sigmoid_binary_cross_entropy(logits(p, x[idx]), y[idx]))
 
-        def chunk(carry, k):
-            def step(carry, key):
-                p, opt_state = carry
-                idx = subset[jax.random.randint(key, (32,), 0, subset.shape[0])]
-                updates, opt_state = tx.update(jax.grad(loss)(p, idx), opt_state)
-                return (optax.apply_updates(p, updates), opt_state), None
+        p = {"encoder": params, "w": jnp.zeros((initial.shape[1],)), "b": jnp.zeros(())}
+        return p, loss, lambda p: (accuracy(p, dev_x, dev_y), accuracy(p, test_x, test_y))
 
-            keys = jax.random.split(jax.random.fold_in(key, k), eval_every)
-            (p, opt_state), _ = jax.lax.scan(step, carry, keys)
-            checks = (
-                accuracy(p, mean, scale, dev_x, dev_y),
-                accuracy(p, mean, scale, test_x, test_y),
-            )
-            return (p, opt_state), checks
-
-        _, (dev_acc, test_acc) = jax.lax.scan(
-            chunk, (p, opt_state), jnp.arange(steps // eval_every)
-        )
-        best = jnp.argmax(dev_acc)
-        return dev_acc[best], test_acc[best], (best + 1) * eval_every
-
-    keys = jax.random.split(jax.random.PRNGKey(seed), subsets.shape[0])
-    dev_best, test_at_best, step = jax.jit(jax.vmap(run))(subsets, keys)
-    return [
-        {"dev_acc": float(d), "test_acc": float(t), "step": int(s)}
-        for d, t, s in zip(dev_best, test_at_best, step, strict=True)
-    ]
+    return select_by_dev(subsets, setup, **fit)
 
 
 def classify_run(workdir: str, args) -> dict:

@@ -192,6 +192,17 @@ def _check_cvae_model(config: ml_collections.ConfigDict) -> None:
         _fail("objective", "dg_vae", "the density gap is to N(0, I); a CVAE's prior is p(z|c)")
 
 
+def _check_splits(d: ml_collections.ConfigDict, splits) -> None:
+    """``data.train_split`` and every ``data.eval_splits`` among the corpus's ``splits``."""
+    for field, names in (
+        ("data.train_split", [d.train_split]),
+        ("data.eval_splits", d.eval_splits),
+    ):
+        for name in names:
+            if name not in splits:
+                _fail(field, name, f"{d.name} has splits {list(splits)}")
+
+
 def _check_data(config: ml_collections.ConfigDict) -> None:
     d = config.data
     if d.name == "synthetic":
@@ -203,13 +214,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
             _fail("model.kind", config.model.get("kind", "vae"), "dialogs need 'cvae'")
         for field in ("window", "max_utt_len", "max_vocab"):
             _positive_int(config, f"data.{field}")
-        for field, names in (
-            ("data.train_split", [d.train_split]),
-            ("data.eval_splits", d.eval_splits),
-        ):
-            for name in names:
-                if name not in swda.SPLITS:
-                    _fail(field, name, f"{d.name} has splits {list(swda.SPLITS)}")
+        _check_splits(d, swda.SPLITS)
         input_pipeline.check_buckets(d.bucket_lengths, 0)
         swda.check_source_dirs(*swda.source_dirs(d.data_dir or None))
         return
@@ -217,13 +222,6 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
         allowed = ["synthetic", swda.NAME, *sorted(text.CORPORA)]
         _fail("data.name", d.name, f"must be one of {allowed}")
     _positive_int(config, "data.max_length")
-    spec = text.get_spec(d.name)
-    for field, names in (
-        ("data.train_split", [d.train_split]),
-        ("data.eval_splits", d.eval_splits),
-    ):
-        for name in names:
-            if name not in spec.splits:
-                _fail(field, name, f"{d.name} has splits {sorted(spec.splits)}")
+    _check_splits(d, sorted(text.get_spec(d.name).splits))
     input_pipeline.check_buckets(d.bucket_lengths, 0)
     text.check_source_dir(d.name, input_pipeline.data_root(config))

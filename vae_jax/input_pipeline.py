@@ -91,7 +91,26 @@ def check_buckets(bucket_lengths: Sequence[int], longest_row: int) -> tuple[int,
     return buckets
 
 
-class LengthBatcher:
+class EpochBatcher:
+    """A batcher whose epoch ``e`` is ``batch(i)`` for every ``i`` of ``plan(e)``: the stream
+    of a run from any (epoch, position) on, for exact resume."""
+
+    def plan(self, epoch: int | None = None) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        raise NotImplementedError
+
+    def epochs(self, start_epoch: int = 0, position: int = 0) -> Iterator[Batch]:
+        """Every batch of epoch ``start_epoch`` from ``position`` on, then the next epochs."""
+        epoch = start_epoch
+        while True:
+            for indices in self.plan(epoch)[position:]:
+                yield self.batch(indices)
+            epoch, position = epoch + 1, 0
+
+
+class LengthBatcher(EpochBatcher):
     """Batches of same-length sentences, padded to a bucket length, in a per-epoch order.
 
     ``rows[i]`` is sentence i with its ``<s>``/``</s>``. The plan of an epoch (which sentences
@@ -145,14 +164,6 @@ class LengthBatcher:
         labels = np.full((self.batch_size,), -1, np.int32)
         labels[: len(indices)] = self.labels[indices]
         return {"tokens": tokens, "labels": labels}
-
-    def epochs(self, start_epoch: int = 0, position: int = 0) -> Iterator[Batch]:
-        """Every batch of epoch ``start_epoch`` from ``position`` on, then the next epochs."""
-        epoch = start_epoch
-        while True:
-            for indices in self.plan(epoch)[position:]:
-                yield self.batch(indices)
-            epoch, position = epoch + 1, 0
 
 
 def data_seed(config: ml_collections.ConfigDict) -> int:
@@ -231,7 +242,7 @@ def get_text_data(config: ml_collections.ConfigDict) -> Data:
     )
 
 
-class DialogBatcher:
+class DialogBatcher(EpochBatcher):
     """Rows (dialog, response position) of a dialog split, batched in a per-epoch order.
 
     Every utterance but a dialog's first (the begin-of-dialog ``<d>``) is a response once per
@@ -317,14 +328,6 @@ class DialogBatcher:
             out["other_profile"][row] = dialog.profiles[1 - speaker]
             out["acts"][row] = dialog.acts[t]
         return out
-
-    def epochs(self, start_epoch: int = 0, position: int = 0) -> Iterator[Batch]:
-        """Every batch of epoch ``start_epoch`` from ``position`` on, then the next epochs."""
-        epoch = start_epoch
-        while True:
-            for indices in self.plan(epoch)[position:]:
-                yield self.batch(indices)
-            epoch, position = epoch + 1, 0
 
 
 def get_dialog_data(config: ml_collections.ConfigDict) -> Data:

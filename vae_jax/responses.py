@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vae_jax import cvae, dialog_metrics
-from vae_jax.tokens import EOS_ID, PAD_ID
+from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "num_samples"))
@@ -40,9 +40,9 @@ def words(ids: Sequence[int], vocab) -> list[str]:
     for i in np.asarray(ids).tolist():
         if i == EOS_ID:
             break
-        if i != PAD_ID:
+        if i not in (PAD_ID, BOS_ID):
             out.append(vocab.words[i])
-    return [w for w in out if w not in ("<s>", "<pad>")]
+    return out
 
 
 def scored_rows(batcher) -> np.ndarray:
