@@ -21,7 +21,9 @@ As the official PTB code (Fu et al.'s ``language_model``, from Kim et al.'s SA-V
 - LSTM VAE: embeddings 256, LSTM hidden 256, latent 32, decoder input and output dropout 0.5,
   every parameter initialised from U(−0.1, 0.1).
 - Adam, learning rate 1e-3, gradient-norm clipping 5, batches of 32 sentences of one length,
-  40 epochs, sentences longer than 200 words dropped (none in PTB).
+  40 epochs, sentences longer than 200 words dropped (none in PTB). The batches are drawn
+  once and only their order changes between epochs (``data.batch_composition = "fixed"``):
+  the official data fixes them at preprocessing.
 - ``:cyclical``: β in cycles of 10 epochs; each cycle β restarts at 0.1 and rises by 1/5 per
   epoch (start 0.1, ratio 0.45: β = 1 after 4.5 epochs), then holds 1. The learning rate
   restarts with each cycle, updated per epoch: 1e-3 · 0.5 · (1 + cos(π ((epoch − 1) mod 10)/10)).
@@ -109,6 +111,10 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     # Rows (<s> words </s>) are padded to the next of these; one more bucket is added for
     # longer rows. PTB rows average 23 tokens, so short buckets are fine-grained.
     config.data.bucket_lengths = (12, 16, 20, 24, 28, 32, 40, 48, 64, 96)
+    # "fixed": the batches drawn for epoch 1 are kept and only their order is reshuffled each
+    # epoch, as the official data (Kim et al.'s preprocess_text.py) fixes them once;
+    # "per_epoch" draws new batches every epoch (vae_jax.input_pipeline.LengthBatcher).
+    config.data.batch_composition = "fixed"
 
     config.model = ml_collections.ConfigDict()
     big = variant == "savae_size"

@@ -74,6 +74,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.data.train_split = "train"
     config.data.eval_splits = ("valid", "test")
     config.data.bucket_lengths = (8, 12, 17)
+    # New batches within each length every epoch (the official Yelp batches are random
+    # sentences padded to 25, neither "fixed" nor length-sorted).
+    config.data.batch_composition = "per_epoch"
 
     config.model = ml_collections.ConfigDict()
     config.model.enc_emb_dim = 256

@@ -74,6 +74,22 @@ def test_every_sentence_once_per_epoch_in_batches_of_one_length():
     assert [b.tolist() for b in other_seed] != [b.tolist() for b in plans[1]]
 
 
+def test_fixed_composition_keeps_the_batches_and_reshuffles_their_order():
+    """The official PTB data: batches cut once, their order permuted every epoch."""
+    rows = random_rows(300)
+    fixed = input_pipeline.LengthBatcher(rows, 8, (8, 12, 16), composition="fixed")
+    drawn = input_pipeline.LengthBatcher(rows, 8, (8, 12, 16))
+    assert [b.tolist() for b in fixed.plan(0)] == [b.tolist() for b in drawn.plan(0)]
+    batches = {tuple(b) for b in fixed.plan(0)}
+    for epoch in (1, 2):
+        plan = fixed.plan(epoch)
+        assert {tuple(b) for b in plan} == batches
+        assert [tuple(b) for b in plan] != [tuple(b) for b in fixed.plan(epoch - 1)]
+        assert {tuple(b) for b in drawn.plan(epoch)} != batches
+    with pytest.raises(ValueError, match="config.data.batch_composition='once'"):
+        input_pipeline.LengthBatcher(rows, 8, (8, 12, 16), composition="once")
+
+
 def test_batches_are_padded_to_buckets_and_resume_mid_epoch():
     rows = random_rows(100)
     batcher = input_pipeline.LengthBatcher(rows, 8, (6, 10))

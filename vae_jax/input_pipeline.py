@@ -91,6 +91,9 @@ def check_buckets(bucket_lengths: Sequence[int], longest_row: int) -> tuple[int,
     return buckets
 
 
+COMPOSITIONS = ("per_epoch", "fixed")  # LengthBatcher: new batches every epoch, or once
+
+
 class EpochBatcher:
     """A batcher whose epoch ``e`` is ``batch(i)`` for every ``i`` of ``plan(e)``: the stream
     of a run from any (epoch, position) on, for exact resume."""
@@ -116,6 +119,12 @@ class LengthBatcher(EpochBatcher):
     ``rows[i]`` is sentence i with its ``<s>``/``</s>``. The plan of an epoch (which sentences
     form each batch, in which order) depends only on ``(seed, epoch)``, so a run can be
     resumed at any (epoch, position) by recomputing it.
+
+    ``composition``: ``"per_epoch"`` draws new batches within each length every epoch;
+    ``"fixed"`` keeps epoch 0's batches for the whole run and only shuffles their order, as
+    Kim et al.'s ``preprocess_text.py`` (the PTB code of Fu et al. and SA-VAE) does: it cuts
+    the length-sorted sentences into batches once, and training permutes the batch order per
+    epoch. Epoch 0 is the same under both.
     """
 
     def __init__(
@@ -125,9 +134,15 @@ class LengthBatcher(EpochBatcher):
         bucket_lengths: Sequence[int],
         seed: int = 0,
         labels: np.ndarray | None = None,
+        composition: str = "per_epoch",
     ):
         if not rows:
             raise ValueError("LengthBatcher: no sentences to batch.")
+        if composition not in COMPOSITIONS:
+            raise ValueError(
+                f"config.data.batch_composition={composition!r}: must be one of {COMPOSITIONS}."
+            )
+        self.composition = composition
         self.rows = list(rows)
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.batch_size = batch_size
@@ -142,12 +157,15 @@ class LengthBatcher(EpochBatcher):
 
     def plan(self, epoch: int | None = None) -> list[np.ndarray]:
         """Sentence indices of every batch of an epoch; the file's length order if ``None``."""
-        rng = None if epoch is None else np.random.default_rng([self.seed, epoch])
+        drawn = 0 if self.composition == "fixed" else epoch
+        rng = None if epoch is None else np.random.default_rng([self.seed, drawn])
         batches = []
         for group in self.groups.values():
             group = group if rng is None else rng.permutation(group)
             batches.extend(np.split(group, range(self.batch_size, len(group), self.batch_size)))
         if rng is not None:
+            if drawn != epoch:  # fixed batches: only the order is drawn anew
+                rng = np.random.default_rng([self.seed, epoch])
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
 
@@ -220,7 +238,7 @@ def get_text_data(config: ml_collections.ConfigDict) -> Data:
         labels[name] = split.labels() if labelled else None
     train = LengthBatcher(
         splits[d.train_split], config.batch_size, d.bucket_lengths, data_seed(config),
-        labels=labels[d.train_split],
+        labels=labels[d.train_split], composition=d.batch_composition,
     )  # fmt: skip
     eval_splits = {}
     for name in d.eval_splits:
