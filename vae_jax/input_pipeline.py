@@ -238,7 +238,9 @@ def get_text_data(config: ml_collections.ConfigDict) -> Data:
         labels[name] = split.labels() if labelled else None
     train = LengthBatcher(
         splits[d.train_split], config.batch_size, d.bucket_lengths, data_seed(config),
-        labels=labels[d.train_split], composition=d.batch_composition,
+        labels=labels[d.train_split],
+        # Workdirs written before the field existed drew their batches every epoch.
+        composition=d.get("batch_composition", "per_epoch"),
     )  # fmt: skip
     eval_splits = {}
     for name in d.eval_splits:
