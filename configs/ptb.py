@@ -47,8 +47,8 @@ As the official PTB code (Fu et al.'s ``language_model``, from Kim et al.'s SA-V
 - Any variant: ``--config.objective=free_bits|dg_vae`` (SA-VAE included: SVI refines the
   β-ELBO, the model trains on the remedy at λ_K); ``--config.init_from=WORKDIR
   --config.init_reset='("dec",)'`` starts from another run's encoder with a new decoder (Li et
-  al. 2019: pre-train an autoencoder with ``--config.beta_schedule.value=0`` on ``:constant``,
-  then ``:free_bits`` from it).
+  al. 2019: pre-train an autoencoder with ``--config.beta_schedule.value=0
+  --config.best_metric=rec`` on ``:constant``, then ``:free_bits`` from it).
 
 Each epoch evaluates valid and test without dropout, one z sample: Rec, KL, −ELBO and the PPL
 bound exp((ΣRec + ΣKL)/#predicted tokens). The best epoch by valid PPL bound is saved under
@@ -147,6 +147,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.init_from = ""
     config.init_reset = ()
     config.grad_clip_norm = 5.0
+    # best/ keeps the parameters of the lowest valid PPL bound; "rec" for an autoencoder (β = 0,
+    # e.g. the pre-training of Li et al.'s recipe), whose KL is not part of its objective.
+    config.best_metric = "ppl_bound"
     # Schedule fields are in epochs, converted to steps with the data's steps per epoch.
     config.schedule_unit = "epochs"
     if variant in ("cyclical", "savae_size", "savae_cyclical"):

@@ -117,6 +117,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.init_from = ""
     config.init_reset = ()
     config.grad_clip_norm = 5.0
+    config.best_metric = "ppl_bound"  # best/ by the valid PPL bound (runs.BEST_METRICS)
     config.schedule_unit = "steps"
     total = config.num_train_steps
     if name == "monotonic":

@@ -114,6 +114,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.init_from = ""
     config.init_reset = ()
     config.grad_clip_norm = 5.0
+    config.best_metric = "ppl_bound"  # best/ by the valid PPL bound (runs.BEST_METRICS)
     # Schedule fields are in steps (schedule_unit "epochs" multiplies them by steps per epoch).
     config.schedule_unit = "steps"
     config.lr_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1e-3})

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_synthetic_config
@@ -128,7 +129,7 @@ def test_text_population_keeps_each_members_best(tmp_path):
         records = writers.read_metrics(member_dir)
         valid = [r["valid_ppl_bound"] for r in records if "valid_ppl_bound" in r]
         assert len(valid) == config.num_epochs
-        assert runs.best_ppl_bound(member_dir) == min(valid)
+        assert runs.best_value(member_dir) == min(valid)
         lrs = {r["lr"] for r in records if "lr" in r}
         assert max(lrs) == pytest.approx((1e-3, 3e-3)[k])
     # The Table 1 report reads a population as its members: one row, mean ± std over them.
@@ -143,3 +144,25 @@ def test_text_population_keeps_each_members_best(tmp_path):
     assert "± " in ptb_table.markdown([group], "test")
     ptb_table.plot_curves([group], str(tmp_path / "curves.png"))
     assert os.path.getsize(tmp_path / "curves.png") > 0
+
+
+def test_an_autoencoder_keeps_its_best_by_rec(tmp_path):
+    """β = 0: the KL grows unpenalised, so the PPL bound is no measure of the run; best/ holds
+    the parameters of the lowest valid Rec (``config.best_metric="rec"``)."""
+    from test_input_pipeline import tiny_ptb_config
+
+    from vae_jax import runs
+
+    config = tiny_ptb_config(tmp_path)
+    config.update(num_epochs=3, best_metric="rec")
+    config.beta_schedule = ml_collections.ConfigDict({"name": "constant", "value": 0.0})
+    workdir = str(tmp_path / "ae")
+    train.train_and_evaluate(config, workdir)
+    valid = {r["step"]: r for r in writers.read_metrics(workdir) if "valid_rec" in r}
+    best_step = min(valid, key=lambda s: valid[s]["valid_rec"])
+    with open(os.path.join(workdir, runs.BEST, "info.json"), encoding="utf-8") as f:
+        assert json.load(f)["step"] == best_step
+    assert runs.best_value(workdir, "rec") == valid[best_step]["valid_rec"]
+    config.best_metric = "kl"
+    with pytest.raises(ValueError, match="config.best_metric='kl'"):
+        config_checks.check_config(config, 1)

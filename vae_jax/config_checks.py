@@ -12,7 +12,7 @@ import os
 
 import ml_collections
 
-from vae_jax import input_pipeline, kernels, models, objectives, population, schedules
+from vae_jax import input_pipeline, kernels, models, objectives, population, runs, schedules
 from vae_jax.datasets import swda, text
 
 _SCHEDULE_VALUES = ("value", "init_value", "start", "stop")
@@ -72,6 +72,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _fail("model.init_scale", config.model.init_scale, "must be > 0")
     if not config.grad_clip_norm > 0:
         _fail("grad_clip_norm", config.grad_clip_norm, "must be > 0")
+    if runs.best_metric(config) not in runs.BEST_METRICS:
+        _fail("best_metric", config.best_metric, f"must be one of {runs.BEST_METRICS}")
     if config.objective not in objectives.OBJECTIVES:
         _fail("objective", config.objective, f"must be one of {sorted(objectives.OBJECTIVES)}")
     if config.objective == "free_bits":
@@ -222,6 +224,9 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
         allowed = ["synthetic", swda.NAME, *sorted(text.CORPORA)]
         _fail("data.name", d.name, f"must be one of {allowed}")
     _positive_int(config, "data.max_length")
+    composition = d.get("batch_composition", "per_epoch")
+    if composition not in input_pipeline.COMPOSITIONS:
+        _fail("data.batch_composition", composition, f"must be one of {input_pipeline.COMPOSITIONS}")
     _check_splits(d, sorted(text.get_spec(d.name).splits))
     input_pipeline.check_buckets(d.bucket_lengths, 0)
     text.check_source_dir(d.name, input_pipeline.data_root(config))

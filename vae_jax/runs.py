@@ -230,13 +230,23 @@ class WorkdirLock:
             self._file = None
 
 
-def best_ppl_bound(workdir: str) -> float:
-    """The valid PPL bound of the saved best parameters; inf if none are saved."""
+# Valid figures a run may keep its best parameters by (lower is better): the PPL bound (the
+# β = 1 ELBO per token), or Rec alone, for an autoencoder (β = 0), whose KL is no objective.
+BEST_METRICS = ("ppl_bound", "rec")
+
+
+def best_metric(config: ml_collections.ConfigDict) -> str:
+    """``config.best_metric``; configs written before it existed kept the PPL bound."""
+    return config.get("best_metric", "ppl_bound")
+
+
+def best_value(workdir: str, metric: str = "ppl_bound") -> float:
+    """The valid ``metric`` of the saved best parameters; inf if none are saved."""
     path = os.path.join(workdir, BEST, checkpoints.INFO)
     if not os.path.exists(path):
         return float("inf")
     with open(path, encoding="utf-8") as f:
-        return json.load(f)["valid"]["ppl_bound"]
+        return json.load(f)["valid"][metric]
 
 
 # --- Reading a run ---------------------------------------------------------------------------

@@ -599,7 +599,7 @@ def _train_and_evaluate(
         state = state.replace(params=stack_params(fresh) if is_population else fresh[0])
     if primary:
         runs.save_config(config, workdir)
-    bests = []
+    bests, metric = [], runs.best_metric(config)
     for member, directory in zip(members, dirs, strict=True):
         if primary:
             if is_population:
@@ -607,7 +607,7 @@ def _train_and_evaluate(
                 runs.save_config(member, directory)
                 runs.bind_data(member, data, directory)
             runs.truncate_metrics(directory, start)
-        bests.append(runs.best_ppl_bound(directory) if start else float("inf"))
+        bests.append(runs.best_value(directory, metric) if start else float("inf"))
 
     def meta(step: int) -> dict:
         epoch, position = divmod(step, steps_per_epoch) if steps_per_epoch else (None, step)
@@ -686,7 +686,7 @@ def _train_and_evaluate(
                 if step % eval_every == 0 or step == num_steps:
                     bests, valid_ppl = _evaluate_and_keep_best(
                         p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch,
-                        writers_, dirs, bests,
+                        writers_, dirs, bests, metric,
                     )  # fmt: skip
                 if step % config.checkpoint_every_steps == 0 or epoch_end or step == num_steps:
                     save(step, state, valid_ppl)
@@ -822,11 +822,13 @@ def _last_good(step: int | None, checkpointer) -> str:
 
 
 def _evaluate_and_keep_best(
-    p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch, writers_, dirs, bests
+    p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch, writers_, dirs, bests,
+    metric="ppl_bound",
 ) -> tuple[list[float], float | None]:
     """Evaluates every eval split, logs it, and saves each member's parameters (one for a
-    single run) under its ``best/`` if its valid PPL bound improved. Returns the best valid PPL
-    bounds so far and this evaluation's (the members' mean; None without a valid split)."""
+    single run) under its ``best/`` if its valid ``metric`` (`runs.BEST_METRICS`) improved.
+    Returns the best valid values so far and this evaluation's PPL bound (the members' mean;
+    None without a valid split)."""
     epoch = {"epoch": step / steps_per_epoch} if steps_per_epoch else {}
     is_population = eval_key.ndim == 2  # one key per member
     results = {}  # split -> one result per member
@@ -846,7 +848,7 @@ def _evaluate_and_keep_best(
         writer.flush()
     if "valid" not in results:
         return bests, None
-    valid = [r["ppl_bound"] for r in results["valid"]]
+    valid = [r[metric] for r in results["valid"]]
     host_params = None
     for k, directory in enumerate(dirs):
         if valid[k] < bests[k]:
@@ -862,7 +864,7 @@ def _evaluate_and_keep_best(
             checkpoints.save(
                 os.path.join(directory, runs.BEST), params, {"step": step, **epoch, **figures}
             )
-    return bests, float(np.mean(valid))
+    return bests, float(np.mean([r["ppl_bound"] for r in results["valid"]]))
 
 
 def _prefetch(batches: Iterator, num_devices: int) -> Iterator:
