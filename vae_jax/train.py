@@ -822,7 +822,16 @@ def _last_good(step: int | None, checkpointer) -> str:
 
 
 def _evaluate_and_keep_best(
-    p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch, writers_, dirs, bests,
+    p_eval_step,
+    state,
+    data,
+    eval_key,
+    num_devices,
+    step,
+    steps_per_epoch,
+    writers_,
+    dirs,
+    bests,
     metric="ppl_bound",
 ) -> tuple[list[float], float | None]:
     """Evaluates every eval split, logs it, and saves each member's parameters (one for a
