@@ -11,9 +11,10 @@ one run per seed). ``--official SCHEDULE=GLOB``: stdout logs of the official cod
 (`official_ptb.py train`), one per seed; its evaluation lines ("VAE REC: …, VAE KL: …, VAE
 PPL: …") after "Checking validation perf" of each epoch. For every schedule and epoch: each
 seed's valid Rec, KL and PPL bound, their mean ± standard deviation (ddof 1) for both codes,
-and the ratio of the means (ours / official). One z sample per sentence in both, so a figure's
-spread over seeds is the scale its differences must be read against. Writes ``fidelity.json``
-and ``fidelity.md`` under ``--out`` and prints the table.
+the ratio of the means (ours / official) and, where both sides have two seeds or more, the
+difference of the means over its standard error (Welch's statistic: |·| ≲ 2 is what seeds
+alone give). A figure's spread over seeds is the scale its differences must be read against.
+Writes ``fidelity.json`` and ``fidelity.md`` under ``--out`` and prints the table.
 """
 
 from __future__ import annotations
@@ -75,6 +76,18 @@ def summary(runs: dict[str, dict[int, dict]], epoch: int) -> dict:
     return out
 
 
+def z_scores(ours: dict, official: dict) -> dict | None:
+    """(mean ours − mean official) / √(s²_ours/n_ours + s²_official/n_official) per figure
+    (Welch's statistic), or None unless both sides have a spread (two runs or more)."""
+    if ours["n"] < 2 or official["n"] < 2:
+        return None
+    out = {}
+    for key in FIGURES:
+        se = ours[f"{key}_std"] ** 2 / ours["n"] + official[f"{key}_std"] ** 2 / official["n"]
+        out[key] = (ours[key] - official[key]) / se**0.5 if se > 0 else float("nan")
+    return out
+
+
 def cell(s: dict, key: str) -> str:
     if s[key] is None:
         return "–"
@@ -124,6 +137,7 @@ def main() -> None:
             row["ratio"] = (
                 {k: row["vae_jax"][k] / row["official"][k] for k in FIGURES} if both else None
             )
+            row["z"] = z_scores(row["vae_jax"], row["official"]) if both else None
             table.setdefault(schedule, {})[epoch] = row
             for code in ("vae_jax", "official"):
                 s = row[code]
@@ -134,6 +148,9 @@ def main() -> None:
             if row["ratio"]:
                 ratio = " | ".join(f"{row['ratio'][k]:.3f}" for k in FIGURES)
                 lines.append(f"| {schedule} | {epoch} | ours / official (means) | | {ratio} |")
+            if row["z"]:
+                z = " | ".join(f"{row['z'][k]:+.2f}" for k in FIGURES)
+                lines.append(f"| {schedule} | {epoch} | difference / its std. error | | {z} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

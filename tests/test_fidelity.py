@@ -64,9 +64,11 @@ def test_table_gives_means_spreads_and_ratios(tmp_path):
     assert one["vae_jax"]["kl_std"] == pytest.approx(0.5**0.5)
     assert one["ratio"]["kl"] == pytest.approx(3.0 / 2.5)
     assert one["ratio"]["ppl"] == pytest.approx(263.0 / 259.0)
+    # Welch: (3.0 − 2.5) / √(0.5/2 + 0.5/2), both KL variances 0.5
+    assert one["z"]["kl"] == pytest.approx(0.5 / 0.5**0.5)
     two = table["2"]  # only one of ours reached it, none of the official runs
     assert two["vae_jax"]["n"] == 1 and two["vae_jax"]["kl_std"] is None
-    assert two["official"]["n"] == 0 and two["ratio"] is None
+    assert two["official"]["n"] == 0 and two["ratio"] is None and two["z"] is None
     assert "| monotonic | 1 | ours / official (means) | | 1.000 | 1.200 | 1.015 |" in result.stdout
     assert (out / "fidelity.md").read_text().strip() == result.stdout.strip()
 
