@@ -37,6 +37,9 @@ import numpy as np
 
 from vae_jax import host, objectives, runs, train
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark import alternate, round_ratios, timed  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTB_VOCAB = 10_002  # 10,000 words, <unk> among them, and the specials of vae_jax.models
 
@@ -104,15 +107,6 @@ def build_step(variant: str, overrides: dict, length: int) -> dict:
     }
 
 
-def timed(call, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return times
-
-
 SVI_REPORTED = ("svi_steps", "svi_hvp", "svi_remat", "svi_fd_eps")
 
 
@@ -141,14 +135,12 @@ def time_variant(variant: str, overrides: dict, steps: int, length: int) -> dict
 def time_alternating(settings: list[tuple[str, dict]], rounds: int, steps: int, length: int):
     """Every setting's step built, compiled and warmed up, then timed in turns
     (`benchmark.alternate`); rows as `time_variant`'s plus the ratios to the first."""
-    import benchmark  # experiments/benchmark.py
-
     built = []
     for variant, overrides in settings:
         built.append(build_step(variant, overrides, length))
         timed(built[-1]["call"], 1)  # warm-up
         print(f"built {variant} {overrides}: compile {built[-1]['compile_s']:.1f} s", flush=True)
-    per_round = benchmark.alternate(
+    per_round = alternate(
         {i: (lambda n, call=b["call"]: timed(call, n)) for i, b in enumerate(built)},
         rounds,
         steps,
@@ -157,7 +149,7 @@ def time_alternating(settings: list[tuple[str, dict]], rounds: int, steps: int, 
     for i, (variant, overrides) in enumerate(settings):
         times = [t for chunk in per_round[i] for t in chunk]
         r = row(variant, overrides, built[i], times)
-        ratios = benchmark.round_ratios(per_round[0], per_round[i])
+        ratios = round_ratios(per_round[0], per_round[i])
         r.update(ratio_to_first=statistics.median(ratios), ratio_to_first_rounds=ratios)
         rows.append(r)
     return rows

@@ -224,10 +224,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
         allowed = ["synthetic", swda.NAME, *sorted(text.CORPORA)]
         _fail("data.name", d.name, f"must be one of {allowed}")
     _positive_int(config, "data.max_length")
-    composition = d.get("batch_composition", "per_epoch")
-    if composition not in input_pipeline.COMPOSITIONS:
-        allowed = input_pipeline.COMPOSITIONS
-        _fail("data.batch_composition", composition, f"must be one of {allowed}")
+    input_pipeline.batch_composition(d)
     _check_splits(d, sorted(text.get_spec(d.name).splits))
     input_pipeline.check_buckets(d.bucket_lengths, 0)
     text.check_source_dir(d.name, input_pipeline.data_root(config))

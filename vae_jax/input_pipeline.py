@@ -94,6 +94,21 @@ def check_buckets(bucket_lengths: Sequence[int], longest_row: int) -> tuple[int,
 COMPOSITIONS = ("per_epoch", "fixed")  # LengthBatcher: new batches every epoch, or once
 
 
+def check_composition(composition: str) -> str:
+    """``composition`` if it is one of `COMPOSITIONS`; else a ``ValueError`` naming the field."""
+    if composition not in COMPOSITIONS:
+        raise ValueError(
+            f"config.data.batch_composition={composition!r}: must be one of {COMPOSITIONS}."
+        )
+    return composition
+
+
+def batch_composition(d: ml_collections.ConfigDict) -> str:
+    """``config.data.batch_composition``, checked; workdirs written before the field existed
+    drew their batches every epoch."""
+    return check_composition(d.get("batch_composition", "per_epoch"))
+
+
 class EpochBatcher:
     """A batcher whose epoch ``e`` is ``batch(i)`` for every ``i`` of ``plan(e)``: the stream
     of a run from any (epoch, position) on, for exact resume."""
@@ -138,11 +153,7 @@ class LengthBatcher(EpochBatcher):
     ):
         if not rows:
             raise ValueError("LengthBatcher: no sentences to batch.")
-        if composition not in COMPOSITIONS:
-            raise ValueError(
-                f"config.data.batch_composition={composition!r}: must be one of {COMPOSITIONS}."
-            )
-        self.composition = composition
+        self.composition = check_composition(composition)
         self.rows = list(rows)
         self.labels = None if labels is None else np.asarray(labels, np.int32)
         self.batch_size = batch_size
@@ -238,9 +249,7 @@ def get_text_data(config: ml_collections.ConfigDict) -> Data:
         labels[name] = split.labels() if labelled else None
     train = LengthBatcher(
         splits[d.train_split], config.batch_size, d.bucket_lengths, data_seed(config),
-        labels=labels[d.train_split],
-        # Workdirs written before the field existed drew their batches every epoch.
-        composition=d.get("batch_composition", "per_epoch"),
+        labels=labels[d.train_split], composition=batch_composition(d),
     )  # fmt: skip
     eval_splits = {}
     for name in d.eval_splits:

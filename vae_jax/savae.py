@@ -12,7 +12,7 @@ through λ₀ and the decoder both directly and through every refinement step, b
 Hessian-vector products of the algorithm's backward loop. How they are computed is
 ``svi_hvp``: ``"exact"``, by `jax.grad` through the `lax.scan` (reverse over reverse);
 ``"finite_difference"``, the backward loop run by hand with finite-difference products
-(`refine_finite_difference`), as the reference code does. With ``svi_end_to_end=False`` the
+(`_refine_finite_difference`), as the reference code does. With ``svi_end_to_end=False`` the
 decoder is trained on f at a constant λ_K and the encoder on its own objective f(λ₀) (nothing
 is differentiated through the refinement, so ``svi_hvp`` does not matter).
 
@@ -81,7 +81,7 @@ class SAVAE(models.VAE):
     svi_remat: bool = True
     # How the backward pass through the refinement gets its Hessian-vector products: "exact"
     # (jax.grad through the scan) or "finite_difference" (Kim et al.'s Algorithm 2 with
-    # central differences, `refine_finite_difference`; same forward pass, same values).
+    # central differences, `_refine_finite_difference`; same forward pass, same values).
     svi_hvp: str = "exact"
     # Finite differences' step: example n's λ_n moves by ±svi_fd_eps·(1 + ‖λ_n‖_∞) in its
     # largest coordinate (`fd_hvp`). The error is O(ε²) truncation plus float rounding
@@ -214,6 +214,21 @@ def _svi_step(model, params, tokens, carry, step_keys, *, beta, objective, train
     return (lam_k, velocity), grads
 
 
+def _svi_scan(model: SAVAE, params, tokens, lam: Lambda, keys, kwargs: dict, *, trace: bool):
+    """Algorithm 1's K steps from λ₀ = ``lam``, v₀ = 0: λ_K, and with ``trace`` every step's
+    (λ_k, ∇_λ f(λ_k)) stacked over k (what the finite-difference backward pass needs)."""
+
+    def step(carry, step_keys):
+        new, grads = _svi_step(model, params, tokens, carry, step_keys, **kwargs)
+        return new, (carry[0], grads) if trace else None
+
+    if model.svi_remat and not trace:
+        step = jax.checkpoint(step, prevent_cse=False)  # inside scan CSE cannot hurt
+    velocity = tuple(jnp.zeros_like(x) for x in lam)
+    (lam_k, _), steps = jax.lax.scan(step, (tuple(lam), velocity), svi_keys(keys, model.svi_steps))
+    return lam_k, steps
+
+
 def refine(
     model: SAVAE,
     params,
@@ -229,21 +244,13 @@ def refine(
     v_{k+1} = γ v_k − clip(∇_λ f(λ_k)), λ_{k+1} = λ_k + α v_{k+1}, v₀ = 0.
 
     Differentiable: the gradient of a function of λ_K flows back to ``lam`` and ``params``,
-    by autodiff through the scan (``svi_hvp="exact"``) or by `refine_finite_difference`'s
+    by autodiff through the scan (``svi_hvp="exact"``) or by `_refine_finite_difference`'s
     backward pass; both compute the same λ_K.
     """
     kwargs = {"beta": beta, "objective": objective, "train": train}
     if model.svi_hvp == "finite_difference" and model.svi_steps > 0:
-        return refine_finite_difference(model, params, tokens, lam, keys, **kwargs)
-
-    def step(carry, step_keys):
-        return _svi_step(model, params, tokens, carry, step_keys, **kwargs)[0], None
-
-    if model.svi_remat:
-        step = jax.checkpoint(step, prevent_cse=False)  # inside scan CSE cannot hurt
-    velocity = tuple(jnp.zeros_like(x) for x in lam)
-    (lam_k, _), _ = jax.lax.scan(step, (tuple(lam), velocity), svi_keys(keys, model.svi_steps))
-    return lam_k
+        return _refine_finite_difference(model, params, tokens, lam, keys, kwargs)
+    return _svi_scan(model, params, tokens, lam, keys, kwargs, trace=False)[0]
 
 
 @jax.custom_vjp
@@ -320,16 +327,8 @@ def fd_hvp(
     return tuple(g[:batch] + g[batch:] for g in d_lam), d_params
 
 
-def refine_finite_difference(
-    model: SAVAE,
-    params,
-    tokens: jnp.ndarray,
-    lam: Lambda,
-    keys: jnp.ndarray,
-    *,
-    beta: jnp.ndarray,
-    objective: Objective = objectives.beta_elbo,
-    train: bool,
+def _refine_finite_difference(
+    model: SAVAE, params, tokens: jnp.ndarray, lam: Lambda, keys: jnp.ndarray, kwargs: dict
 ) -> Lambda:
     """`refine`'s λ_K (the same scan, the same values and noise), differentiated by Kim et
     al.'s (2018) Algorithm 2 with finite-difference Hessian-vector products (a `custom_vjp`).
@@ -374,20 +373,10 @@ def refine_finite_difference(
     With ``svi_end_to_end=False`` nothing is differentiated through the refinement and this
     is only its forward pass.
     """
-    kwargs = {"beta": beta, "objective": objective, "train": train}
 
     def forward(params_, lam_, tokens_, keys_, beta_):
         kw = {**kwargs, "beta": beta_}
-
-        def step(carry, step_keys):
-            new, grads = _svi_step(model, params_, tokens_, carry, step_keys, **kw)
-            return new, (carry[0], grads)
-
-        velocity = tuple(jnp.zeros_like(x) for x in lam_)
-        (lam_k, _), (lams, grads) = jax.lax.scan(
-            step, (tuple(lam_), velocity), svi_keys(keys_, model.svi_steps)
-        )
-        return lam_k, (lams, grads)
+        return _svi_scan(model, params_, tokens_, lam_, keys_, kw, trace=True)
 
     @jax.custom_vjp
     def run(params_, lam_, tokens_, keys_, beta_):
@@ -424,7 +413,7 @@ def refine_finite_difference(
         return params_bar, lam0_bar, None, None, None
 
     run.defvjp(run_fwd, run_bwd)
-    return run(params, tuple(lam), tokens, keys, beta)
+    return run(params, tuple(lam), tokens, keys, kwargs["beta"])
 
 
 def apply(
