@@ -219,6 +219,8 @@ def classify_run(workdir: str, args) -> dict:
         "checkpoint_step": info.get("step"),
         "beta_schedule": config.beta_schedule.name,
         "deterministic": bool(config.model.get("deterministic", False)),
+        "objective": config.get("objective", "beta_elbo"),
+        "init_from": config.get("init_from", ""),
         "test_majority_baseline": majority,
         "protocol": "encoder fine-tuned" if args.finetune_encoder else "encoder frozen",
         "sizes": {},
@@ -247,6 +249,10 @@ def classify_run(workdir: str, args) -> dict:
 
 def run_label(result: dict) -> str:
     name = "AE" if result["deterministic"] else f"VAE, {result['beta_schedule']}"
+    if result.get("objective", "beta_elbo") != "beta_elbo":
+        name += " + " + result["objective"].replace("_", " ")
+    if result.get("init_from"):
+        name += f" (from {os.path.basename(os.path.normpath(result['init_from']))})"
     if result.get("protocol") == "encoder fine-tuned":
         name += " (fine-tuned)"
     return name
@@ -305,6 +311,25 @@ def parse_sizes(text: str) -> list:
     return sizes
 
 
+def recorded_args(args) -> dict:
+    return {k: str(v) for k, v in vars(args).items()}
+
+
+def previous_result(path: str, workdir: str, args) -> dict | None:
+    """The result at ``path`` if it was computed for ``workdir`` with the same arguments (the
+    list of workdirs and --out aside), so that re-running a table with one run added only
+    classifies that run."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    same = {k: v for k, v in recorded_args(args).items() if k not in ("workdirs", "out")}
+    old = {k: v for k, v in previous.get("args", {}).items() if k not in ("workdirs", "out")}
+    if previous.get("workdir") != workdir or old != same:
+        return None
+    return previous
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+", help="Pre-trained runs (configs/yelp.py).")
@@ -326,10 +351,15 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     results = []
     for workdir in args.workdirs:
-        result = classify_run(workdir, args)
         name = os.path.basename(os.path.normpath(workdir))
-        with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as f:
-            json.dump({**result, "args": {k: str(v) for k, v in vars(args).items()}}, f, indent=1)
+        path = os.path.join(args.out, f"{name}.json")
+        result = previous_result(path, workdir, args)
+        if result is None:
+            result = classify_run(workdir, args)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump({**result, "args": recorded_args(args)}, f, indent=1)
+        else:
+            print(f"{workdir}: reusing {path} (same arguments)", file=sys.stderr)
         results.append(result)
     text = table(results)
     print(text)

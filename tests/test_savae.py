@@ -380,6 +380,8 @@ def test_invalid_svi_hvp_raises_a_clear_error():
         savae.SAVAE(vocab_size=10, svi_hvp="fd")
     with pytest.raises(ValueError, match=r"config.model.svi_fd_eps=0.0: must be in \(0, 1\)"):
         savae.SAVAE(vocab_size=10, svi_fd_eps=0.0)
+    with pytest.raises(ValueError, match=r"svi_hvp='finite_difference': must be 'exact' with"):
+        savae.SAVAE(vocab_size=10, svi_hvp="finite_difference", dtype="bfloat16")
     config = ptb.get_config("savae_cyclical")
     assert config.model.svi_hvp == "exact"  # every config gets the field, from svi_defaults
     config.model.svi_hvp = "finite_differences"

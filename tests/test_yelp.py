@@ -105,6 +105,15 @@ def test_pretrain_then_classify(tmp_path):
     assert (tmp_path / "out" / "accuracy.png").exists()
     assert "| VAE, cyclical |" in (tmp_path / "out" / "table.md").read_text()
     assert result["protocol"] == "encoder frozen"
+    # The same command again reuses the run's result instead of classifying it anew.
+    stamp = os.path.getmtime(tmp_path / "out" / "run.json")
+    out = run_python(
+        ["experiments/yelp_classify.py", workdir, f"--out={tmp_path / 'out'}",
+         "--sizes=100,all", "--seeds=2", "--steps=400", "--eval_every=100"],
+        env={"VAE_JAX_TFDS_DIR": str(tmp_path / "tfds")},
+    )  # fmt: skip
+    assert out.returncode == 0 and "reusing" in out.stderr, out.stderr[-3000:]
+    assert os.path.getmtime(tmp_path / "out" / "run.json") == stamp
     # The encoder trained with the classifier: the same protocol otherwise.
     out = run_python(
         ["experiments/yelp_classify.py", workdir, f"--out={tmp_path / 'ft'}", "--sizes=100",
