@@ -3,6 +3,8 @@
     python -m vae_jax.main --config=configs/yelp.py:cyclical --workdir=runs/yelp_cyclical
     python -m vae_jax.main --config=configs/yelp.py:monotonic --workdir=runs/yelp_monotonic
     python -m vae_jax.main --config=configs/yelp.py:ae --workdir=runs/yelp_ae
+    python -m vae_jax.main --config=configs/yelp.py:free_bits --workdir=runs/yelp_ae_fb \
+        --config.init_from=runs/yelp_ae --config.init_reset='("dec",)'   # Li et al. (2019)
     python -m vae_jax.main --config=configs/yelp.py:tiny --workdir=/tmp/yelp_tiny   # tests
 
 Reads the ``yelp_10pct`` corpus from ``config.data.data_dir`` (default
@@ -26,6 +28,9 @@ As the official code (``semi/semi_yelp_{ae,vae,cyc}_pre.py``, ``model_new.py``):
 - ``:cyclical``: 10 cycles of 10 epochs, β rising linearly from 0 to 1 over the first half of
   each (R = 0.5), then 1; the lr restarts at 1e-4 with each cycle and decays on a cosine
   (updated every step);
+- ``:free_bits``: ``:monotonic`` with free bits (Li et al. 2019), Σ_d max(λ, KL̄_d) with
+  λ = 1/16 nat per dimension (``FREE_BITS_PER_DIM``); from the autoencoder's encoder
+  (``init_from``, the decoder reset; the shared embedding is kept) it is Li et al.'s "AE + FB";
 - ``:tiny``: ``:cyclical`` shrunk for tests (two epochs, small layers).
 
 Deviations from the official code, documented: parameters are initialised U(−0.1, 0.1) like
@@ -41,7 +46,10 @@ import ml_collections
 
 from vae_jax import models, objectives, savae
 
-VARIANTS = ("ae", "monotonic", "cyclical", "tiny")
+VARIANTS = ("ae", "monotonic", "cyclical", "free_bits", "tiny")
+# Free bits' floor per dimension: 16 nats over the 256 dimensions, the total that Li et al.'s
+# λ = 0.5 gives their 32-dimensional z (0.5 here would floor the KL at 128 nats).
+FREE_BITS_PER_DIM = 16 / 256
 EPOCHS = 100
 
 
@@ -112,7 +120,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     if variant == "ae":
         config.beta_schedule = ml_collections.ConfigDict({"name": "constant", "value": 0.0})
         config.lr_schedule = ml_collections.ConfigDict(decay)
-    elif variant == "monotonic":
+    elif variant in ("monotonic", "free_bits"):
         config.beta_schedule = ml_collections.ConfigDict(
             {"name": "monotonic", "warmup_steps": 10, "start": 0.0, "stop": 1.0}
         )
@@ -132,6 +140,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
                 "num_cycles": cycles, "steps_per_update": 1e-6,  # every step
             }
         )  # fmt: skip
+    if variant == "free_bits":
+        config.objective = "free_bits"
+        config.free_bits.lambda_per_dim = FREE_BITS_PER_DIM
     if variant == "tiny":
         config.num_epochs = 2
         config.log_every_steps = 20

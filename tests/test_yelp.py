@@ -136,6 +136,9 @@ def test_yelp_variants_check():
 
     from vae_jax import config_checks
 
+    config = yelp.get_config("free_bits")  # Li et al.'s free bits: 16 nats over z's 256 dims
+    assert config.objective == "free_bits" and config.beta_schedule.name == "monotonic"
+    assert config.free_bits.lambda_per_dim * config.model.latent_dim == 16
     config = yelp.get_config("ae")
     assert config.model.deterministic and config.beta_schedule.value == 0.0
     config.data.max_length = 20  # longer than the CNN's window holds
