@@ -29,7 +29,7 @@ As the official code (``semi/semi_yelp_{ae,vae,cyc}_pre.py``, ``model_new.py``):
   each (R = 0.5), then 1; the lr restarts at 1e-4 with each cycle and decays on a cosine
   (updated every step);
 - ``:free_bits``: ``:monotonic`` with free bits (Li et al. 2019), Σ_d max(λ, KL̄_d) with
-  λ = 1/16 nat per dimension (``FREE_BITS_PER_DIM``); from the autoencoder's encoder
+  λ = 16 nats / 256 dimensions (``FREE_BITS_TOTAL``); from the autoencoder's encoder
   (``init_from``, the decoder reset; the shared embedding is kept) it is Li et al.'s "AE + FB";
 - ``:tiny``: ``:cyclical`` shrunk for tests (two epochs, small layers).
 
@@ -47,9 +47,9 @@ import ml_collections
 from vae_jax import models, objectives, savae
 
 VARIANTS = ("ae", "monotonic", "cyclical", "free_bits", "tiny")
-# Free bits' floor per dimension: 16 nats over the 256 dimensions, the total that Li et al.'s
-# λ = 0.5 gives their 32-dimensional z (0.5 here would floor the KL at 128 nats).
-FREE_BITS_PER_DIM = 16 / 256
+# Free bits' floor in all, shared out over z's dimensions: 16 nats, the total that Li et al.'s
+# λ = 0.5 gives their 32-dimensional z (0.5 on each of 256 would floor the KL at 128 nats).
+FREE_BITS_TOTAL = 16.0
 EPOCHS = 100
 
 
@@ -142,7 +142,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
         )  # fmt: skip
     if variant == "free_bits":
         config.objective = "free_bits"
-        config.free_bits.lambda_per_dim = FREE_BITS_PER_DIM
+        config.free_bits.lambda_per_dim = FREE_BITS_TOTAL / config.model.latent_dim
     if variant == "tiny":
         config.num_epochs = 2
         config.log_every_steps = 20

@@ -315,6 +315,11 @@ def recorded_args(args) -> dict:
     return {k: str(v) for k, v in vars(args).items()}
 
 
+def _settings(recorded: dict) -> dict:
+    """What decides a run's result: every argument but the list of runs and --out."""
+    return {k: v for k, v in recorded.items() if k not in ("workdirs", "out")}
+
+
 def previous_result(path: str, workdir: str, args) -> dict | None:
     """The result at ``path`` if it was computed for ``workdir`` with the same arguments (the
     list of workdirs and --out aside), so that re-running a table with one run added only
@@ -323,9 +328,8 @@ def previous_result(path: str, workdir: str, args) -> dict | None:
         return None
     with open(path, encoding="utf-8") as f:
         previous = json.load(f)
-    same = {k: v for k, v in recorded_args(args).items() if k not in ("workdirs", "out")}
-    old = {k: v for k, v in previous.get("args", {}).items() if k not in ("workdirs", "out")}
-    if previous.get("workdir") != workdir or old != same:
+    same = _settings(previous.get("args", {})) == _settings(recorded_args(args))
+    if previous.get("workdir") != workdir or not same:
         return None
     return previous
 
