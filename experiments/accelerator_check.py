@@ -6,8 +6,11 @@
 Measures, with `experiments/benchmark.py`'s timing (rounds, each against the matmul peak next
 to it): the train step at the PTB size (256/256/32, batch 32, length 23) for both layer
 implementations (``model.kernels`` cpu and plain) in float32 and bfloat16; populations of 1 and
-8 members (vmapped); IW-NLL throughput (K = 500). Then it projects a 40-epoch PTB VAE run
-(54,360 steps at the fastest float32 step, plus evaluation) and runs it when it fits in what is
+8 members (vmapped); IW-NLL throughput (K = 500); the SA-VAE step (K = 10 SVI steps) as a
+multiple of the VAE step of the same size, timed in turns in this process
+(`experiments/step_time.py`'s alternation; exact reverse-over-reverse with and without remat,
+and the finite-difference backward pass). Then it projects a 40-epoch PTB VAE run (54,360
+steps at the fastest float32 step, plus evaluation) and runs it when it fits in what is
 left of ``--budget_s`` and the PTB files are found (``$VAE_JAX_DATA_DIR/ptb``), writing its
 final valid figures. Installs nothing and reads nothing from the network; CI does not run it.
 """
@@ -25,11 +28,19 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402  (experiments/benchmark.py)
+import step_time  # noqa: E402  (experiments/step_time.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("ptb_23", "ptb_23_plain", "ptb_23_bf16", "ptb_23_plain_bf16", "ptb_23_pop1", "ptb_23_pop8")
 PTB_STEPS = 40 * 1_359  # 40 epochs of 1,359 batches
 EVAL_SECONDS_GUESS = 2.0  # per epoch's valid + test evaluation, before it is measured
+# `configs/ptb.py` variants and config.model overrides; the VAE first, as the ratios' base.
+SAVAE_SETTINGS = (
+    ("cyclical", {}),
+    ("savae_cyclical", {}),
+    ("savae_cyclical", {"svi_remat": False}),
+    ("savae_cyclical", {"svi_hvp": "finite_difference"}),
+)
 
 
 def ptb_run(seconds_left: float, ms_per_step: float) -> dict:
@@ -69,6 +80,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=50, help="Timed steps per row.")
     parser.add_argument("--budget_s", type=float, default=540.0)
+    parser.add_argument(
+        "--savae_rounds", type=int, default=3, help="Rounds of SA-VAE/VAE turns (0: skip)."
+    )
     args = parser.parse_args()
     start = time.time()
     result = {
@@ -86,6 +100,11 @@ def main() -> None:
     iw = benchmark.bench_iwnll(repeats=3)
     result["rows"].append(iw)
     print(f"iwnll_k500: {iw['sentences_per_s']:.1f} sentences/s", flush=True)
+    if args.savae_rounds > 0:
+        rows = step_time.time_alternating(list(SAVAE_SETTINGS), args.savae_rounds, 5, 23)
+        result["savae_step"] = rows
+        for r in rows[1:]:
+            print(f"savae {r['overrides']}: x{r['ratio_to_first']:.2f} the VAE step", flush=True)
     float32 = [r["ms_median"] for r in result["rows"] if r["name"] in ("ptb_23", "ptb_23_plain")]
     result["ptb_40_epochs"] = ptb_run(args.budget_s - (time.time() - start), min(float32))
     result["wall_s"] = time.time() - start
