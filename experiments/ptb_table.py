@@ -12,6 +12,10 @@ epoch; ``--max_epoch`` only looks at epochs up to E (to compare runs still in pr
 same length). A row of several runs (seeds) gives mean ± standard deviation over them. PPL is
 the bound exp((ΣRec + ΣKL)/#predicted tokens) with one z sample, as in training logs.
 ``--plot`` draws each row's per-epoch valid KL and PPL bound, mean ± std bands over its runs.
+
+Where ``python -m vae_jax.evaluate`` has scored a run's selected checkpoint on ``--split``
+(its ``eval_<split>.json`` in the workdir, from the same step), the row also has IW-NLL, MI
+over the whole split and AU (for an SA-VAE at its refined posterior λ_K, as `evaluate` does).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from vae_jax import writers
 
 FIGURES = ("rec", "kl", "neg_elbo", "ppl")
+SCORED = ("iw_nll", "mi", "au")  # from vae_jax.evaluate's eval_<split>.json, where present
 
 
 def run_dirs(path: str) -> list[str]:
@@ -76,6 +81,7 @@ def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -
         step = max(evals)
     r = evals[step]
     return {
+        **scored(workdir, split, step),
         "workdir": workdir,
         "model": model_name(config),
         "schedule": schedule_name(config),
@@ -89,6 +95,21 @@ def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -
     }
 
 
+def scored(workdir: str, split: str, step: int) -> dict:
+    """IW-NLL, MI and AU of ``vae_jax.evaluate``'s ``eval_<split>.json`` if it scored ``step``."""
+    path = os.path.join(workdir, f"eval_{split}.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        result = json.load(f)
+    if result.get("checkpoint_info", {}).get("step") != step:
+        return {}
+    return {
+        **{key: float(result[key]) for key in SCORED},
+        "num_importance_samples": result["num_importance_samples"],
+    }
+
+
 def grouped(rows: list[dict]) -> list[dict]:
     """One row per model × schedule: the mean of each figure over its runs, its standard
     deviation (``<figure>_std``, ddof 1) and the number of runs ``n``."""
@@ -98,7 +119,8 @@ def grouped(rows: list[dict]) -> list[dict]:
     out = []
     for (model, schedule), members in sorted(groups.items()):
         g = {"model": model, "schedule": schedule, "n": len(members), "runs": members}
-        for key in FIGURES:
+        figures = FIGURES + tuple(k for k in SCORED if all(k in m for m in members))
+        for key in figures:
             values = [m[key] for m in members]
             g[key] = float(np.mean(values))
             g[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -109,15 +131,25 @@ def grouped(rows: list[dict]) -> list[dict]:
 
 
 def markdown(groups: list[dict], split: str) -> str:
+    extra = [k for k in SCORED if any(k in g for g in groups)]
+    runs = [r for g in groups for r in g["runs"] if "iw_nll" in r]
+    samples = sorted({r["num_importance_samples"] for r in runs})
+    names = {"iw_nll": f"IW-NLL (K = {'/'.join(map(str, samples))}) ↓", "mi": "MI", "au": "AU"}
     lines = [
-        f"| Model | Schedule | runs | Rec ↓ | KL | −ELBO ↓ | PPL ↓ | epoch ({split}) |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| Model | Schedule | runs | Rec ↓ | KL | −ELBO ↓ | PPL ↓ | "
+        + "".join(f"{names[k]} | " for k in extra)
+        + f"epoch ({split}) |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(extra) + "---|",
     ]
     for g in groups:
         cells = []
-        for key in FIGURES:
-            std = g[f"{key}_std"]
-            cells.append(f"{g[key]:.2f}" + (f" ± {std:.2f}" if std is not None else ""))
+        for key in FIGURES + tuple(extra):
+            if key not in g:
+                cells.append("—")
+                continue
+            std, digits = g[f"{key}_std"], 1 if key == "au" else 2
+            spread = "" if std is None else f" ± {std:.{digits}f}"
+            cells.append(f"{g[key]:.{digits}f}{spread}")
         epochs = sorted({e for e in g["epoch"] if e is not None})
         epoch = ", ".join(f"{e:.3g}" for e in epochs) + f" of {g['epochs_run']:.3g}"
         lines.append(

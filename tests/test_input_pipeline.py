@@ -11,7 +11,7 @@ import ptb  # configs/ptb.py, on the path by conftest
 import ptb_table  # experiments/ptb_table.py
 import pytest
 
-from vae_jax import input_pipeline, models, objectives, train, writers
+from vae_jax import evaluate, input_pipeline, models, objectives, train, writers
 from vae_jax.tokens import sequence_lengths
 
 WORDS = [f"w{i}" for i in range(20)]
@@ -240,6 +240,21 @@ def test_ptb_config_trains_on_a_tiny_corpus(tmp_path):
     assert table_row["neg_elbo"] == pytest.approx(-best_test["test_elbo"])
     assert (table_row["model"], table_row["schedule"]) == ("VAE", "Cyclical")
     assert "| VAE | Cyclical | 1 |" in ptb_table.markdown(ptb_table.grouped([table_row]), "test")
+    assert "iw_nll" not in table_row  # not scored by vae_jax.evaluate yet
+
+    # Once `vae_jax.evaluate` has scored that checkpoint, the row has its IW-NLL, MI and AU;
+    # a score of another step is not taken for it.
+    argv = [f"--workdir={workdir}", "--split=test", "--checkpoint=best"]
+    scored = evaluate.main([*argv, "--num_importance_samples=5", "--num_prior_samples=100"])
+    table_row = ptb_table.row(workdir, "test", "best")
+    assert [table_row[k] for k in ("iw_nll", "mi", "au")] == [
+        pytest.approx(scored[k]) for k in ("iw_nll", "mi", "au")
+    ]
+    assert "IW-NLL (K = 5)" in ptb_table.markdown(ptb_table.grouped([table_row]), "test")
+    scored["checkpoint_info"]["step"] += 1
+    with open(os.path.join(workdir, "eval_test.json"), "w", encoding="utf-8") as f:
+        json.dump(scored, f)
+    assert "iw_nll" not in ptb_table.row(workdir, "test", "best")
 
 
 @pytest.mark.parametrize("variant", ptb.VARIANTS)
