@@ -39,6 +39,13 @@ def test_plan_packs_consecutive_seeds_only():
     ]  # fmt: skip
     assert jobs[0].overrides == {"seed": 0, "population_size": 3}
     assert jobs[0].members == ["c-x.seed-0", "c-x.seed-1", "c-x.seed-2"]
+    # Unpacked, every run is a job, in the sweep's order (seed 0 of each config first here).
+    seeds_first = sweep.product(
+        [sweep.sweep("seed", [0, 1]), sweep.sweep("config", ["c.py:x", "c.py:y"])]
+    )
+    assert [j.name for j in sweep.plan(seeds_first, pack=False)] == [
+        "c-x.seed-0", "c-y.seed-0", "c-x.seed-1", "c-y.seed-1",
+    ]  # fmt: skip
     assert len(sweep.plan(runs, pack=False)) == 9
 
 

@@ -156,8 +156,11 @@ def load_sweep(spec_string: str) -> list[Run]:
 
 def plan(runs: Sequence[Run], pack: bool = True) -> list[Job]:
     """The jobs that train ``runs``: runs equal but for consecutive seeds become one population
-    when ``pack``; every other run is a job of its own. Order follows the sweep's."""
+    when ``pack``; every other run is a job of its own. Order follows the sweep's (a
+    population's place is its first run's)."""
     names = dict(zip((id(r) for r in runs), run_names(runs), strict=True))
+    if not pack:
+        return [Job(names[id(r)], r["config"], _overrides(r), [names[id(r)]]) for r in runs]
     keys = sorted({*varying_keys(runs), "seed"})
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -174,10 +177,12 @@ def plan(runs: Sequence[Run], pack: bool = True) -> list[Job]:
             name = run_name({**group[0], "seed": f"{seeds[0]}-{seeds[-1]}"}, keys)
             jobs.append(Job(name, group[0]["config"], base, [names[id(r)] for r in group]))
             continue
-        for run in group:
-            overrides = {k: v for k, v in run.items() if k != "config"}
-            jobs.append(Job(names[id(run)], run["config"], overrides, [names[id(run)]]))
+        jobs += [Job(names[id(r)], r["config"], _overrides(r), [names[id(r)]]) for r in group]
     return jobs
+
+
+def _overrides(run: Run) -> dict:
+    return {k: v for k, v in run.items() if k != "config"}
 
 
 def _link_members(job: Job, workdir: str) -> None:

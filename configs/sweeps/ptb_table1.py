@@ -6,7 +6,14 @@
 
 ``:vae`` and ``:savae`` give one model's two rows. Each row's three seeds train as one
 population (the same batches: the data order of seed 0); ``--nopack`` trains them apart, each
-with its own order. The full length is the paper's 40 epochs (``configs/ptb.py``).
+with its own order, seed 0 of every row first (the sweep's order). The full length is the
+paper's 40 epochs (``configs/ptb.py``). On a CPU a population costs about 1.2× its members
+trained apart (``experiments/results/benchmark/population_cpu.json``), so there
+
+    python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py:vae --workdir=runs/table1 \
+        --nopack --parallel=2
+
+gives every row's first seed soonest and the others after it.
 """
 
 from vae_jax.sweep import product, sweep
@@ -21,5 +28,5 @@ def get_sweep(models: str = "vae,savae"):
         raise ValueError(f"configs/sweeps/ptb_table1.py:{models}: unknown {sorted(unknown)}.")
     variants = [f"{MODELS[m]}{s}" for m in names for s in ("monotonic", "cyclical")]
     return product(
-        [sweep("config", [f"configs/ptb.py:{v}" for v in variants]), sweep("seed", [0, 1, 2])]
+        [sweep("seed", [0, 1, 2]), sweep("config", [f"configs/ptb.py:{v}" for v in variants])]
     )
