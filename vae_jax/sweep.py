@@ -156,8 +156,8 @@ def load_sweep(spec_string: str) -> list[Run]:
 
 def plan(runs: Sequence[Run], pack: bool = True) -> list[Job]:
     """The jobs that train ``runs``: runs equal but for consecutive seeds become one population
-    when ``pack``; every other run is a job of its own. Order follows the sweep's (a
-    population's place is its first run's)."""
+    when ``pack``; every other run is a job of its own. Order follows the sweep's; when
+    packing, runs that differ only in their seed stay together, at their first run's place."""
     names = dict(zip((id(r) for r in runs), run_names(runs), strict=True))
     if not pack:
         return [Job(names[id(r)], r["config"], _overrides(r), [names[id(r)]]) for r in runs]
