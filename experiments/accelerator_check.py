@@ -75,6 +75,14 @@ def ptb_run(seconds_left: float, ms_per_step: float) -> dict:
     }
 
 
+def savae_ratios(settings, rounds: int, steps: int = 5) -> list[dict]:
+    """`step_time.time_alternating`'s rows for ``settings`` at length 23, the first the base."""
+    rows = step_time.time_alternating(list(settings), rounds, steps, 23)
+    for r in rows[1:]:
+        print(f"{r['variant']} {r['overrides']}: x{r['ratio_to_first']:.2f} the first", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -101,10 +109,7 @@ def main() -> None:
     result["rows"].append(iw)
     print(f"iwnll_k500: {iw['sentences_per_s']:.1f} sentences/s", flush=True)
     if args.savae_rounds > 0:
-        rows = step_time.time_alternating(list(SAVAE_SETTINGS), args.savae_rounds, 5, 23)
-        result["savae_step"] = rows
-        for r in rows[1:]:
-            print(f"savae {r['overrides']}: x{r['ratio_to_first']:.2f} the VAE step", flush=True)
+        result["savae_step"] = savae_ratios(SAVAE_SETTINGS, args.savae_rounds)
     float32 = [r["ms_median"] for r in result["rows"] if r["name"] in ("ptb_23", "ptb_23_plain")]
     result["ptb_40_epochs"] = ptb_run(args.budget_s - (time.time() - start), min(float32))
     result["wall_s"] = time.time() - start
