@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from vae_jax import writers
+from vae_jax import runs, writers
 
 FIGURES = ("rec", "kl", "neg_elbo", "ppl")
 SCORED = ("iw_nll", "mi", "au")  # from vae_jax.evaluate's eval_<split>.json, where present
@@ -97,7 +97,7 @@ def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -
 
 def scored(workdir: str, split: str, step: int) -> dict:
     """IW-NLL, MI and AU of ``vae_jax.evaluate``'s ``eval_<split>.json`` if it scored ``step``."""
-    path = os.path.join(workdir, f"eval_{split}.json")
+    path = runs.eval_results_path(workdir, split)
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -132,8 +132,8 @@ def grouped(rows: list[dict]) -> list[dict]:
 
 def markdown(groups: list[dict], split: str) -> str:
     extra = [k for k in SCORED if any(k in g for g in groups)]
-    runs = [r for g in groups for r in g["runs"] if "iw_nll" in r]
-    samples = sorted({r["num_importance_samples"] for r in runs})
+    scored_runs = [r for g in groups for r in g["runs"] if "iw_nll" in r]
+    samples = sorted({r["num_importance_samples"] for r in scored_runs})
     names = {"iw_nll": f"IW-NLL (K = {'/'.join(map(str, samples))}) ↓", "mi": "MI", "au": "AU"}
     lines = [
         "| Model | Schedule | runs | Rec ↓ | KL | −ELBO ↓ | PPL ↓ | "

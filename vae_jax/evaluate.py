@@ -329,7 +329,7 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         f"sentences, {results['predicted_tokens']} predicted tokens; per sentence, in nats"
     )
     print(format_table(results))
-    path = os.path.join(run_dir, f"eval_{split}.json")
+    path = runs.eval_results_path(run_dir, split)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     _log(f"Wrote {path}")
@@ -362,7 +362,7 @@ def _run_dialog(fv, config, data, model, params, info, split) -> dict[str, Any]:
     with open(samples_path, "w", encoding="utf-8") as f:
         for r in sampled:
             f.write(f"row {r['row']}\n{responses.format_result(r, vocab)}\n\n")
-    path = os.path.join(run_dir, f"eval_{split}.json")
+    path = runs.eval_results_path(run_dir, split)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     _log(f"Wrote {path} and {samples_path}")

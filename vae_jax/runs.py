@@ -59,6 +59,11 @@ def eval_key(config: ml_collections.ConfigDict) -> jax.Array:
 # --- The saved config ------------------------------------------------------------------------
 
 
+def eval_results_path(run_dir: str, split: str) -> str:
+    """Where ``python -m vae_jax.evaluate`` writes a run's scores on ``split``."""
+    return os.path.join(run_dir, f"eval_{split}.json")
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes ``config.json`` whole or not at all (a reader never sees half of it)."""
     path = os.path.join(workdir, CONFIG)

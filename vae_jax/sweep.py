@@ -159,8 +159,12 @@ def plan(runs: Sequence[Run], pack: bool = True) -> list[Job]:
     when ``pack``; every other run is a job of its own. Order follows the sweep's; when
     packing, runs that differ only in their seed stay together, at their first run's place."""
     names = dict(zip((id(r) for r in runs), run_names(runs), strict=True))
+
+    def single(run: Run) -> Job:
+        return Job(names[id(run)], run["config"], _overrides(run), [names[id(run)]])
+
     if not pack:
-        return [Job(names[id(r)], r["config"], _overrides(r), [names[id(r)]]) for r in runs]
+        return [single(r) for r in runs]
     keys = sorted({*varying_keys(runs), "seed"})
     groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -170,14 +174,13 @@ def plan(runs: Sequence[Run], pack: bool = True) -> list[Job]:
     for group in groups.values():
         seeds = sorted(r.get("seed", 0) for r in group)
         consecutive = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
-        if pack and len(group) > 1 and consecutive and "population_size" not in group[0]:
+        if len(group) > 1 and consecutive and "population_size" not in group[0]:
             group = sorted(group, key=lambda r: r.get("seed", 0))
-            base = {k: v for k, v in group[0].items() if k != "config"}
-            base.update(seed=seeds[0], population_size=len(group))
+            base = {**_overrides(group[0]), "seed": seeds[0], "population_size": len(group)}
             name = run_name({**group[0], "seed": f"{seeds[0]}-{seeds[-1]}"}, keys)
             jobs.append(Job(name, group[0]["config"], base, [names[id(r)] for r in group]))
             continue
-        jobs += [Job(names[id(r)], r["config"], _overrides(r), [names[id(r)]]) for r in group]
+        jobs += [single(r) for r in group]
     return jobs
 
 
