@@ -158,6 +158,19 @@ def markdown(groups: list[dict], split: str) -> str:
     return "\n".join(lines)
 
 
+def caption(groups: list[dict], split: str, select: str, max_epoch: float | None) -> str:
+    """What the table shows, for the Markdown file: split, epoch selection, runs and length."""
+    chosen = "lowest valid PPL bound" if select == "best" else "latest evaluated"
+    limit = "" if max_epoch is None else f", among epochs ≤ {max_epoch:g}"
+    seeds = sorted({r["seed"] for g in groups for r in g["runs"]})
+    return (
+        f"{split} split; each run at its epoch of {chosen}{limit}; seeds {seeds}; "
+        "a row of several runs is mean ± std (ddof 1). Rec, KL, −ELBO and the PPL bound from "
+        "one z sample; IW-NLL, MI (whole split) and AU from `python -m vae_jax.evaluate`, "
+        "where it scored that checkpoint. Last column: the selected epoch of the epochs run."
+    )
+
+
 def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -> None:
     """Per-epoch valid KL and PPL bound of each row, mean ± std over its runs."""
     import matplotlib
@@ -208,7 +221,8 @@ def main() -> None:
     print(table)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(table + "\n")
+            note = caption(groups, args.split, args.select, args.max_epoch)
+            f.write(f"{table}\n\n{note}\n")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(groups, f, indent=2)
