@@ -87,6 +87,7 @@ def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -
         "schedule": schedule_name(config),
         "epoch": r.get("epoch"),
         "epochs_run": max(x.get("epoch", 0) for x in evals.values()),
+        "num_epochs": config.get("num_epochs"),
         "rec": r[f"{split}_rec"],
         "kl": r[f"{split}_kl"],
         "neg_elbo": -r[f"{split}_elbo"],
@@ -162,9 +163,12 @@ def caption(groups: list[dict], split: str, select: str, max_epoch: float | None
     """What the table shows, for the Markdown file: split, epoch selection, runs and length."""
     chosen = "lowest valid PPL bound" if select == "best" else "latest evaluated"
     limit = "" if max_epoch is None else f", among epochs ≤ {max_epoch:g}"
-    seeds = sorted({r["seed"] for g in groups for r in g["runs"]})
+    runs_ = [r for g in groups for r in g["runs"]]
+    seeds = sorted({r["seed"] for r in runs_})
+    done = sorted({f"{r['epochs_run']:g} of {r['num_epochs']}" for r in runs_})
     return (
-        f"{split} split; each run at its epoch of {chosen}{limit}; seeds {seeds}; "
+        f"{split} split; epochs run: {', '.join(done)}; each run at its epoch of {chosen}{limit}; "
+        f"seeds {seeds}; "
         "a row of several runs is mean ± std (ddof 1). Rec, KL, −ELBO and the PPL bound from "
         "one z sample; IW-NLL, MI (whole split) and AU from `python -m vae_jax.evaluate`, "
         "where it scored that checkpoint. Last column: the selected epoch of the epochs run."

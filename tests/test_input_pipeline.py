@@ -242,7 +242,8 @@ def test_ptb_config_trains_on_a_tiny_corpus(tmp_path):
     assert "| VAE | Cyclical | 1 |" in ptb_table.markdown(ptb_table.grouped([table_row]), "test")
     assert "iw_nll" not in table_row  # not scored by vae_jax.evaluate yet
     note = ptb_table.caption(ptb_table.grouped([table_row]), "test", "best", None)
-    assert note.startswith("test split;") and "lowest valid PPL bound" in note
+    assert note.startswith(f"test split; epochs run: 2 of {config.num_epochs};")
+    assert "lowest valid PPL bound" in note
     assert f"seeds [{config.seed}]" in note
 
     # Once `vae_jax.evaluate` has scored that checkpoint, the row has its IW-NLL, MI and AU;
