@@ -181,6 +181,7 @@ def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for g in groups:
@@ -203,6 +204,8 @@ def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -
     for ax in axes:
         ax.set_xlabel("epoch")
     axes[1].set_yscale("log")
+    for axis in (axes[1].yaxis.set_major_formatter, axes[1].yaxis.set_minor_formatter):
+        axis(matplotlib.ticker.FormatStrFormatter("%g"))  # 120, not 1.2 × 10²
     axes[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
