@@ -163,9 +163,9 @@ def caption(groups: list[dict], split: str, select: str, max_epoch: float | None
     """What the table shows, for the Markdown file: split, epoch selection, runs and length."""
     chosen = "lowest valid PPL bound" if select == "best" else "latest evaluated"
     limit = "" if max_epoch is None else f", among epochs ≤ {max_epoch:g}"
-    runs_ = [r for g in groups for r in g["runs"]]
-    seeds = sorted({r["seed"] for r in runs_})
-    done = sorted({f"{r['epochs_run']:g} of {r['num_epochs']}" for r in runs_})
+    members = [r for g in groups for r in g["runs"]]
+    seeds = sorted({r["seed"] for r in members})
+    done = sorted({f"{r['epochs_run']:g} of {r['num_epochs']}" for r in members})
     return (
         f"{split} split; epochs run: {', '.join(done)}; each run at its epoch of {chosen}{limit}; "
         f"seeds {seeds}; "
@@ -204,8 +204,9 @@ def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -
     for ax in axes:
         ax.set_xlabel("epoch")
     axes[1].set_yscale("log")
-    for axis in (axes[1].yaxis.set_major_formatter, axes[1].yaxis.set_minor_formatter):
-        axis(matplotlib.ticker.FormatStrFormatter("%g"))  # 120, not 1.2 × 10²
+    plain = matplotlib.ticker.FormatStrFormatter("%g")  # 120, not 1.2 × 10²
+    axes[1].yaxis.set_major_formatter(plain)
+    axes[1].yaxis.set_minor_formatter(plain)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
