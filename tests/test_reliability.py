@@ -152,6 +152,24 @@ def test_a_different_config_is_refused_unless_allowed(tmp_path):
     assert "batch_size: 8 -> 4" in str(err.value) and "--allow_config_change" in str(err.value)
 
 
+def test_a_field_added_since_the_run_started_is_no_change(tmp_path):
+    """New code resumes an old run: a key its config.json lacks takes the current value,
+    but a key the current config lacks (a renamed or dropped field) is still refused."""
+    config = tiny_synthetic_config()
+    runs.save_config(config, str(tmp_path))
+    path = tmp_path / runs.CONFIG
+    saved = json.loads(path.read_text())
+    del saved["data_seed"], saved["model"]["latent_dim"]
+    path.write_text(json.dumps(saved))
+    runs.check_workdir_config(config, str(tmp_path), allow_config_change=False)
+
+    saved["retired_field"] = 3
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"retired_field: 3 -> '<absent>'") as err:
+        runs.check_workdir_config(config, str(tmp_path), allow_config_change=False)
+    assert "latent_dim" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------- NaN guard
 
 

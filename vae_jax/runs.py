@@ -84,24 +84,38 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def check_workdir_config(
     config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool
 ) -> None:
-    """Refuses a workdir whose ``config.json`` differs from ``config``, naming the keys."""
+    """Refuses a workdir whose ``config.json`` differs from ``config``, naming the keys.
+
+    A key the saved config lacks (a field added to the code since the run started) is no
+    change: it is logged and takes its current value, so new code resumes old runs. A key
+    whose value differs, or one the current config lacks, is refused unless
+    ``allow_config_change``.
+    """
     path = os.path.join(workdir, CONFIG)
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
         old = _flatten(json.load(f))
     new = _flatten(json.loads(config.to_json_best_effort()))
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff and not allow_config_change:
-        lines = "\n".join(
-            f"  {k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in diff
+    added = sorted(new.keys() - old.keys())
+    if added:
+        logging.warning(
+            "%s: fields added since its run started, taken at their current values: %s",
+            workdir,
+            ", ".join(f"{k}={new[k]!r}" for k in added),
         )
+    diff = sorted(k for k in old.keys() if old[k] != new.get(k, _ABSENT))
+    if diff and not allow_config_change:
+        lines = "\n".join(f"  {k}: {old[k]!r} -> {new.get(k, '<absent>')!r}" for k in diff)
         raise ValueError(
             f"{workdir} holds a run with a different config (workdir -> now):\n{lines}\n"
             "Use another --workdir, or pass --allow_config_change to continue it anyway."
         )
     if diff:
         logging.warning("Continuing %s with a changed config: %s", workdir, diff)
+
+
+_ABSENT = object()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
