@@ -84,3 +84,23 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
     again = sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}"])
     assert again == status  # skipped as done: nothing ran (no new records)
     assert writers.read_metrics(os.path.join(workdir, "synthetic-constant.seed-5"))
+
+    # --evaluate scores every run of the finished sweep, a population's members each on their
+    # own, and a rerun with the same flags scores none again.
+    flags = "--num_importance_samples=2 --num_prior_samples=16 --checkpoint=last"
+    scored = sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"])
+    runs = [n for n in names if ".seed-" in n and n != pop]
+    assert sorted(scored) == sorted([*status, *(f"{r}:evaluate" for r in runs)])
+    assert not any(scored.values())
+    stamps = {}
+    for run in runs:
+        (path,) = [p for p in os.listdir(os.path.join(workdir, run)) if p.startswith("eval_")]
+        with open(os.path.join(workdir, run, path)) as f:
+            assert json.load(f)["checkpoint_info"]["run_dir"].endswith(
+                run if "constant" in run else os.path.join("members", run[-1])
+            )
+        stamps[run] = os.stat(os.path.join(workdir, run, path)).st_mtime_ns
+    assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"])
+    for run in runs:
+        (path,) = [p for p in os.listdir(os.path.join(workdir, run)) if p.startswith("eval_")]
+        assert os.stat(os.path.join(workdir, run, path)).st_mtime_ns == stamps[run]

@@ -2,6 +2,7 @@
 
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py[:arg] --workdir=runs/table1
         [--dry_run] [--parallel=N] [--nopack] [--allow_config_change]
+        [--evaluate='--split=test --num_importance_samples=50 --checkpoint=best']
 
 A sweep file defines ``get_sweep()``, a list of runs, each a dict of overrides: ``"config"``
 (what ``--config`` takes, ``file.py:variant``) and config fields by dotted name, built with
@@ -25,11 +26,15 @@ after another or ``--parallel=N`` at once, their output in ``WORKDIR/<job>.log``
 same command again resumes what is unfinished (training resumes exactly) and skips what is
 done (``WORKDIR/<job>/sweep_done.json``); ``--dry_run`` prints the plan and each command
 (``--tpu=NAME``: also the ``gcloud … ssh --worker=all`` command of a TPU VM pod slice).
+``--evaluate=FLAGS`` then scores each trained run with ``python -m vae_jax.evaluate FLAGS``
+(output in ``WORKDIR/<run>.evaluate.log``, results in the run's ``eval_<split>.json``, which
+``experiments/ptb_table.py`` reads); a rerun with the same flags skips runs already scored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -38,7 +43,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags
@@ -46,7 +51,8 @@ from absl import app, flags
 from vae_jax import cli
 
 Run = dict[str, Any]
-DONE = "sweep_done.json"
+DONE = "sweep_done.json"  # in a job's directory: its training finished
+EVALUATED = "sweep_evaluated.json"  # in a run's directory: the evaluate flags it was scored with
 
 
 def sweep(name: str, values: Sequence[Any]) -> list[Run]:
@@ -118,6 +124,14 @@ class Job:
             "gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}",
             "--worker=all", f"--command=cd {shlex.quote(os.getcwd())} && {command}",
         ]  # fmt: skip
+
+    def evaluate_command(self, workdir: str, k: int, flags_: Sequence[str]) -> list[str]:
+        """``python -m vae_jax.evaluate`` of this job's run ``k`` with ``flags_``."""
+        command = [sys.executable, "-m", "vae_jax.evaluate"]
+        command.append(f"--workdir={os.path.join(workdir, self.name)}")
+        if len(self.members) > 1:
+            command.append(f"--member={k}")
+        return command + list(flags_)
 
     def command(self, workdir: str, allow_config_change: bool = False) -> list[str]:
         command = [sys.executable, "-m", "vae_jax.main", f"--config={self.config}"]
@@ -198,45 +212,99 @@ def _link_members(job: Job, workdir: str) -> None:
             os.symlink(os.path.join(job.name, "members", str(k)), link)
 
 
+@dataclasses.dataclass
+class _Task:
+    """A process to run: a job's training or one run's evaluation."""
+
+    name: str  # its key in the returned status
+    command: list[str]
+    log: str
+    finish: Callable[[], None]  # on exit status 0
+
+
 def execute(
-    jobs: Sequence[Job], workdir: str, parallel: int = 1, allow_config_change: bool = False
+    jobs: Sequence[Job],
+    workdir: str,
+    parallel: int = 1,
+    allow_config_change: bool = False,
+    evaluate: Sequence[str] = (),
 ) -> dict[str, int]:
-    """Runs the jobs not yet done, ``parallel`` at a time; returns each job's exit status
-    (0 for those skipped as done)."""
+    """Runs the jobs not yet done, ``parallel`` processes at a time, and, where ``evaluate``
+    gives `vae_jax.evaluate` flags, evaluates each run of a trained job not yet evaluated with
+    those flags; returns the exit status of each job and each evaluation (``<run>:evaluate``),
+    0 for those skipped as done."""
     os.makedirs(workdir, exist_ok=True)
     status, queue, running = {}, [], {}
+
+    def evaluations(job: Job) -> list[_Task]:
+        tasks = []
+        for k, name in enumerate(job.members if evaluate else ()):
+            done = os.path.join(workdir, name, EVALUATED)
+            if _read_json(done) == list(evaluate):
+                status[f"{name}:evaluate"] = 0
+                continue
+            tasks.append(
+                _Task(
+                    f"{name}:evaluate",
+                    job.evaluate_command(workdir, k, evaluate),
+                    os.path.join(workdir, f"{name}.evaluate.log"),
+                    functools.partial(_write_json, done, list(evaluate)),
+                )
+            )
+        return tasks
+
+    def trained(job: Job) -> None:
+        _write_json(
+            os.path.join(workdir, job.name, DONE),
+            {"members": job.members, "command": job.command(workdir)},
+        )
+        _link_members(job, workdir)
+        queue[:0] = evaluations(job)  # a finished job's scores before the next training
+
     for job in jobs:
         if os.path.exists(os.path.join(workdir, job.name, DONE)):
             print(f"done already: {job.name}", flush=True)
             status[job.name] = 0
             _link_members(job, workdir)
-        else:
-            queue.append(job)
+            queue += evaluations(job)
+    for job in jobs:
+        if job.name not in status:
+            command = job.command(workdir, allow_config_change)
+            log = os.path.join(workdir, f"{job.name}.log")
+            queue.append(_Task(job.name, command, log, functools.partial(trained, job)))
     while queue or running:
         while queue and len(running) < parallel:
-            job = queue.pop(0)
-            log = open(os.path.join(workdir, f"{job.name}.log"), "a", encoding="utf-8")  # noqa: SIM115
-            command = job.command(workdir, allow_config_change)
-            print(f"start: {job.name}: {shlex.join(command)}", flush=True)
-            running[job.name] = (job, subprocess.Popen(command, stdout=log, stderr=log), log)
+            task = queue.pop(0)
+            log = open(task.log, "a", encoding="utf-8")  # noqa: SIM115
+            print(f"start: {task.name}: {shlex.join(task.command)}", flush=True)
+            process = subprocess.Popen(task.command, stdout=log, stderr=log)
+            running[task.name] = (task, process, log)
         time.sleep(0.2)
-        for name, (job, process, log) in list(running.items()):
+        for name, (task, process, log) in list(running.items()):
             if process.poll() is None:
                 continue
             log.close()
             del running[name]
             status[name] = process.returncode
             if process.returncode == 0:
-                with open(os.path.join(workdir, name, DONE), "w", encoding="utf-8") as f:
-                    json.dump({"members": job.members, "command": job.command(workdir)}, f)
-                _link_members(job, workdir)
+                task.finish()
                 print(f"done: {name}", flush=True)
             else:
-                print(
-                    f"FAILED ({process.returncode}): {name}; see {workdir}/{name}.log",
-                    flush=True,
-                )
+                print(f"FAILED ({process.returncode}): {name}; see {task.log}", flush=True)
     return status
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -254,6 +322,12 @@ def define_flags(fv: flags.FlagValues) -> None:
         "allow_config_change", False, "Passed to each run (resume after a config change).",
         flag_values=fv,
     )  # fmt: skip
+    flags.DEFINE_string(
+        "evaluate", "", "After a job trains, run `python -m vae_jax.evaluate` on each of its "
+        "runs with these flags, e.g. '--split=test --num_importance_samples=50 "
+        "--checkpoint=best'; a run scored with the same flags is skipped. '': none.",
+        flag_values=fv,
+    )  # fmt: skip
     flags.mark_flags_as_required(["sweep", "workdir"], flag_values=fv)
 
 
@@ -261,15 +335,18 @@ def run(fv: flags.FlagValues) -> dict[str, int]:
     runs = load_sweep(fv.sweep)
     jobs = plan(runs, pack=fv.pack)
     print(f"{fv.sweep}: {len(runs)} runs in {len(jobs)} jobs under {fv.workdir}", flush=True)
+    evaluate = shlex.split(fv.evaluate)
     for job in jobs:
         kind = f"population of {len(job.members)}" if len(job.members) > 1 else "single run"
         print(f"  {job.name} ({kind}): {', '.join(job.members)}")
         print(f"    {shlex.join(job.command(fv.workdir))}")
         if fv.tpu:
             print(f"    on {fv.tpu}: {shlex.join(job.pod_command(fv.workdir, fv.tpu, fv.zone))}")
+        for k in range(len(job.members) if evaluate else 0):
+            print(f"    then {shlex.join(job.evaluate_command(fv.workdir, k, evaluate))}")
     if fv.dry_run:
         return {}
-    status = execute(jobs, fv.workdir, fv.parallel, fv.allow_config_change)
+    status = execute(jobs, fv.workdir, fv.parallel, fv.allow_config_change, evaluate)
     failed = sorted(name for name, code in status.items() if code)
     if failed:
         raise RuntimeError(f"{len(failed)} job(s) failed: {failed}; rerun the command to resume.")
