@@ -92,15 +92,16 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
     runs = [n for n in names if ".seed-" in n and n != pop]
     assert sorted(scored) == sorted([*status, *(f"{r}:evaluate" for r in runs)])
     assert not any(scored.values())
-    stamps = {}
+
+    def eval_file(run):
+        (name,) = [p for p in os.listdir(os.path.join(workdir, run)) if p.startswith("eval_")]
+        return os.path.join(workdir, run, name)
+
     for run in runs:
-        (path,) = [p for p in os.listdir(os.path.join(workdir, run)) if p.startswith("eval_")]
-        with open(os.path.join(workdir, run, path)) as f:
+        with open(eval_file(run)) as f:
             assert json.load(f)["checkpoint_info"]["run_dir"].endswith(
                 run if "constant" in run else os.path.join("members", run[-1])
             )
-        stamps[run] = os.stat(os.path.join(workdir, run, path)).st_mtime_ns
+    stamps = {run: os.stat(eval_file(run)).st_mtime_ns for run in runs}
     assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"])
-    for run in runs:
-        (path,) = [p for p in os.listdir(os.path.join(workdir, run)) if p.startswith("eval_")]
-        assert os.stat(os.path.join(workdir, run, path)).st_mtime_ns == stamps[run]
+    assert {run: os.stat(eval_file(run)).st_mtime_ns for run in runs} == stamps

@@ -104,7 +104,7 @@ def check_workdir_config(
             workdir,
             ", ".join(f"{k}={new[k]!r}" for k in added),
         )
-    diff = sorted(k for k in old.keys() if old[k] != new.get(k, _ABSENT))
+    diff = sorted(k for k in old.keys() if k not in new or old[k] != new[k])
     if diff and not allow_config_change:
         lines = "\n".join(f"  {k}: {old[k]!r} -> {new.get(k, '<absent>')!r}" for k in diff)
         raise ValueError(
@@ -113,9 +113,6 @@ def check_workdir_config(
         )
     if diff:
         logging.warning("Continuing %s with a changed config: %s", workdir, diff)
-
-
-_ABSENT = object()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
