@@ -12,6 +12,10 @@ epoch; ``--max_epoch`` only looks at epochs up to E (to compare runs still in pr
 same length). A row of several runs (seeds) gives mean ± standard deviation over them. PPL is
 the bound exp((ΣRec + ΣKL)/#predicted tokens) with one z sample, as in training logs.
 ``--plot`` draws each row's per-epoch valid KL and PPL bound, mean ± std bands over its runs.
+``--archive DIR`` copies what the table and plot read of each run (``config.json``, the
+evaluation records of ``metrics.jsonl``, ``eval_<split>.json``: a few kB, no checkpoint) into
+``DIR/<run>/``, a record to commit beside the table: ``ptb_table.py DIR`` rebuilds both from it
+once the workdirs are gone.
 
 Where ``python -m vae_jax.evaluate`` has scored a run's selected checkpoint on ``--split``
 (its ``eval_<split>.json`` in the workdir, from the same step), the row also has IW-NLL, MI
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -52,6 +57,34 @@ def run_dirs(path: str) -> list[str]:
     if not unique:
         raise FileNotFoundError(f"{path}: holds no run (no config.json in it or below it).")
     return sorted(unique.values())
+
+
+def archive_name(workdir: str) -> str:
+    """A run's name in an archive: its directory, ``<population>.member-<k>`` for a member."""
+    parent, name = os.path.split(os.path.normpath(workdir))
+    if os.path.basename(parent) == "members":
+        return f"{os.path.basename(os.path.dirname(parent))}.member-{name}"
+    return name
+
+
+def archive(dirs: list[str], out: str) -> None:
+    """Copies each run's config, evaluation records and scores into ``out/<archive_name>/``."""
+    names = [archive_name(d) for d in dirs]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"--archive {out}: two runs would share the name(s) {clash}.")
+    for workdir, name in zip(dirs, names, strict=True):
+        target = os.path.join(out, name)
+        if os.path.realpath(target) == os.path.realpath(workdir):
+            continue  # already the archived copy
+        os.makedirs(target, exist_ok=True)
+        shutil.copyfile(os.path.join(workdir, "config.json"), os.path.join(target, "config.json"))
+        records = writers.read_metrics(workdir)
+        with open(os.path.join(target, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if any("_ppl_bound" in k for k in r))
+        for file in os.listdir(workdir):
+            if file.startswith("eval_") and file.endswith(".json"):
+                shutil.copyfile(os.path.join(workdir, file), os.path.join(target, file))
 
 
 def model_name(config: dict) -> str:
@@ -222,6 +255,7 @@ def main() -> None:
     parser.add_argument("--out", help="Also write the rows as JSON here.")
     parser.add_argument("--markdown", help="Also write the table as Markdown here.")
     parser.add_argument("--plot", help="Also draw the learning curves into this PNG.")
+    parser.add_argument("--archive", help="Also copy each run's record (no checkpoint) here.")
     args = parser.parse_args()
     dirs = [d for path in args.workdirs for d in run_dirs(path)]
     groups = grouped([row(d, args.split, args.select, args.max_epoch) for d in dirs])
@@ -236,6 +270,8 @@ def main() -> None:
             json.dump(groups, f, indent=2)
     if args.plot:
         plot_curves(groups, args.plot, args.max_epoch)
+    if args.archive:
+        archive(dirs, args.archive)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -144,6 +145,25 @@ def test_text_population_keeps_each_members_best(tmp_path):
     assert "± " in ptb_table.markdown([group], "test")
     ptb_table.plot_curves([group], str(tmp_path / "curves.png"))
     assert os.path.getsize(tmp_path / "curves.png") > 0
+    # The archive (no checkpoints) rebuilds the same rows once the workdir is gone.
+    from vae_jax import evaluate
+
+    evaluate.main([f"--workdir={workdir}", "--member=1", "--split=test", "--checkpoint=best",
+                   "--num_importance_samples=2"])  # fmt: skip
+    archived = str(tmp_path / "archive")
+    ptb_table.archive(dirs, archived)
+    assert sorted(os.listdir(archived)) == ["pop.member-0", "pop.member-1"]
+    assert not any(os.path.isdir(os.path.join(archived, "pop.member-1", f)) for f in
+                   os.listdir(os.path.join(archived, "pop.member-1")))  # fmt: skip
+    before = [ptb_table.row(d, "test", "best") for d in dirs]
+    assert "iw_nll" in before[1]
+    shutil.rmtree(workdir)
+    after = [ptb_table.row(d, "test", "best") for d in ptb_table.run_dirs(archived)]
+    for a, b in zip(after, before, strict=True):
+        assert a["workdir"] != b["workdir"] and {**a, "workdir": 0} == {**b, "workdir": 0}
+    ptb_table.plot_curves(ptb_table.grouped(after), str(tmp_path / "again.png"))
+    with pytest.raises(ValueError, match="share the name"):
+        ptb_table.archive([dirs[0], dirs[0]], str(tmp_path / "clash"))
 
 
 def test_an_autoencoder_keeps_its_best_by_rec(tmp_path):

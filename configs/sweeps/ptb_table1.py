@@ -3,6 +3,7 @@
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py --workdir=runs/table1
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py:vae --workdir=runs/table1
     python experiments/ptb_table.py runs/table1            # mean ± std over the seeds
+    python experiments/ptb_table.py runs/table1 --archive experiments/results/ptb/runs
 
 ``:vae`` and ``:savae`` give one model's two rows. Each row's three seeds train as one
 population (the same batches: the data order of seed 0); ``--nopack`` trains them apart, each
@@ -16,6 +17,7 @@ trained apart (``experiments/results/benchmark/population_cpu.json``), so there
 
 gives every row's first seed soonest and the others after it, and scores each run's best
 checkpoint on the test split (IW-NLL, MI, AU: the table's last columns) once it has trained.
+``--archive`` copies each finished run's record (no checkpoint) to commit beside the table.
 """
 
 from vae_jax.sweep import product, sweep
