@@ -537,3 +537,23 @@ def test_a_checkpoint_without_a_digest_is_refused_not_moved(tmp_path):
     with pytest.raises(checkpoints.UnverifiedCheckpointError, match="checkpoint 5 in .* older"):
         train.train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "checkpoints_corrupt").exists()
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    """`files.write_atomic` (config.json, data.json, metrics truncation, checkpoint info, the
+    sweep's markers): a write that fails before its rename keeps the old contents, no temporary."""
+    from vae_jax import files
+
+    path = str(tmp_path / "config.json")
+    files.write_atomic(path, '{"seed": 0}')
+    files.write_atomic(path, b'{"seed": 1}')
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        files.write_atomic(path, '{"seed": 2}')
+    with open(path, encoding="utf-8") as f:
+        assert f.read() == '{"seed": 1}'
+    assert os.listdir(tmp_path) == ["config.json"]

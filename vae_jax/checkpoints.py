@@ -35,20 +35,13 @@ from absl import logging
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers
 
+from vae_jax import files
+
 CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
 BEST_METRIC = "valid_ppl_bound"
 
 PARAMS, INFO = "params.msgpack", "info.json"
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 STATE_DIGEST = "state_sha256"
@@ -82,8 +75,8 @@ def save(directory: str, params: Any, info: Mapping[str, Any]) -> None:
     """Writes ``params`` (a host pytree) and ``info`` into ``directory``; params first, so a
     present ``info.json`` always describes the ``params.msgpack`` beside it."""
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, PARAMS), serialization.to_bytes(params))
-    _atomic_write(os.path.join(directory, INFO), json.dumps(dict(info), indent=1).encode())
+    files.write_atomic(os.path.join(directory, PARAMS), serialization.to_bytes(params))
+    files.write_atomic(os.path.join(directory, INFO), json.dumps(dict(info), indent=1).encode())
 
 
 def load(directory: str, target: Any) -> tuple[Any, dict]:

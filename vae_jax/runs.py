@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_jax import checkpoints, cvae, forward, input_pipeline, models, population, savae
+from vae_jax import checkpoints, cvae, files, forward, input_pipeline, models, population, savae
 
 CONFIG, METRICS, BEST, DATA = "config.json", "metrics.jsonl", "best", "data.json"
 
@@ -67,9 +67,7 @@ def eval_results_path(run_dir: str, split: str) -> str:
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes ``config.json`` whole or not at all (a reader never sees half of it)."""
     path = os.path.join(workdir, CONFIG)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=1))
-    os.replace(path + ".tmp", path)
+    files.write_atomic(path, config.to_json_best_effort(indent=1))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -150,9 +148,7 @@ def bind_data(config: ml_collections.ConfigDict, data: input_pipeline.Data, work
     path = os.path.join(workdir, DATA)
     now = data_record(config, data)
     if not os.path.exists(path):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(now, f, indent=1)
-        os.replace(path + ".tmp", path)
+        files.write_atomic(path, json.dumps(now, indent=1))
         return
     with open(path, encoding="utf-8") as f:
         then = json.load(f)
@@ -197,9 +193,7 @@ def truncate_metrics(workdir: str, step: int) -> None:
             continue
         if record["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    files.write_atomic(path, "".join(kept))
 
 
 class WorkdirLockedError(RuntimeError):

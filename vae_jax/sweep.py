@@ -48,7 +48,7 @@ from typing import Any
 
 from absl import app, flags
 
-from vae_jax import cli
+from vae_jax import cli, files
 
 Run = dict[str, Any]
 DONE = "sweep_done.json"  # in a job's directory: its training finished
@@ -302,9 +302,7 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json(path: str, value: Any) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
+    files.write_atomic(path, json.dumps(value))
 
 
 def define_flags(fv: flags.FlagValues) -> None:
