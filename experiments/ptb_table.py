@@ -31,7 +31,7 @@ import shutil
 
 import numpy as np
 
-from vae_jax import runs, writers
+from vae_jax import files, runs, writers
 
 FIGURES = ("rec", "kl", "neg_elbo", "ppl")
 SCORED = ("iw_nll", "mi", "au")  # from vae_jax.evaluate's eval_<split>.json, where present
@@ -78,10 +78,12 @@ def archive(dirs: list[str], out: str) -> None:
         if os.path.realpath(target) == os.path.realpath(workdir):
             continue  # already the archived copy
         os.makedirs(target, exist_ok=True)
-        shutil.copyfile(os.path.join(workdir, "config.json"), os.path.join(target, "config.json"))
+        shutil.copyfile(os.path.join(workdir, runs.CONFIG), os.path.join(target, runs.CONFIG))
         records = writers.read_metrics(workdir)
-        with open(os.path.join(target, "metrics.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records if any("_ppl_bound" in k for k in r))
+        evaluations = "".join(
+            json.dumps(r) + "\n" for r in records if any("_ppl_bound" in k for k in r)
+        )
+        files.write_atomic(os.path.join(target, runs.METRICS), evaluations)
         for file in os.listdir(workdir):
             if file.startswith("eval_") and file.endswith(".json"):
                 shutil.copyfile(os.path.join(workdir, file), os.path.join(target, file))
