@@ -84,9 +84,12 @@ def archive(dirs: list[str], out: str) -> None:
             json.dumps(r) + "\n" for r in records if any("_ppl_bound" in k for k in r)
         )
         files.write_atomic(os.path.join(target, runs.METRICS), evaluations)
-        for file in os.listdir(workdir):
-            if file.startswith("eval_") and file.endswith(".json"):
-                shutil.copyfile(os.path.join(workdir, file), os.path.join(target, file))
+        with open(os.path.join(workdir, runs.CONFIG), encoding="utf-8") as f:
+            splits = json.load(f)["data"]["eval_splits"]
+        for split in splits:
+            scores = runs.eval_results_path(workdir, split)
+            if os.path.exists(scores):
+                shutil.copyfile(scores, runs.eval_results_path(target, split))
 
 
 def model_name(config: dict) -> str:
