@@ -47,6 +47,15 @@ def test_plan_packs_consecutive_seeds_only():
         "c-x.seed-0", "c-y.seed-0", "c-x.seed-1", "c-y.seed-1",
     ]  # fmt: skip
     assert len(sweep.plan(runs, pack=False)) == 9
+    # --only picks jobs of the same plan: a population whole, a run alone when unpacked.
+    picked = sweep.plan(runs, only=["c-x.seed-2", "c-w.*"])
+    assert [j.name for j in picked] == ["c-x.seed-0-2", "c-w.seed-0", "c-w.seed-2"]
+    assert picked[0].members == jobs[0].members
+    assert [j.name for j in sweep.plan(runs, pack=False, only=["*.seed-1"])] == [
+        "c-x.seed-1", "c-y.seed-1",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--only=c-q\.\*: matches none of the runs \['c-w"):
+        sweep.plan(runs, only=["c-q.*"])
 
 
 def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Sweeps: the runs of a sweep file, packed into populations where they can be.
 
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py[:arg] --workdir=runs/table1
-        [--dry_run] [--parallel=N] [--nopack] [--allow_config_change]
+        [--dry_run] [--parallel=N] [--nopack] [--only=GLOB,…] [--allow_config_change]
         [--evaluate='--split=test --num_importance_samples=50 --checkpoint=best']
 
 A sweep file defines ``get_sweep()``, a list of runs, each a dict of overrides: ``"config"``
@@ -24,7 +24,8 @@ and the data order of the base seed (``data_seed``; set it in the sweep to choos
 reader sees one run directory per entry. Jobs run as ``python -m vae_jax.main`` processes, one
 after another or ``--parallel=N`` at once, their output in ``WORKDIR/<job>.log``. Running the
 same command again resumes what is unfinished (training resumes exactly) and skips what is
-done (``WORKDIR/<job>/sweep_done.json``); ``--dry_run`` prints the plan and each command
+done (``WORKDIR/<job>/sweep_done.json``); ``--only=ptb-cyclical.seed-1`` (glob patterns)
+takes just the jobs of the runs so named; ``--dry_run`` prints the plan and each command
 (``--tpu=NAME``: also the ``gcloud … ssh --worker=all`` command of a TPU VM pod slice).
 ``--evaluate=FLAGS`` then scores each trained run with ``python -m vae_jax.evaluate FLAGS``
 (output in ``WORKDIR/<run>.evaluate.log``, results in the run's ``eval_<split>.json``, which
@@ -34,6 +35,7 @@ done (``WORKDIR/<job>/sweep_done.json``); ``--dry_run`` prints the plan and each
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import importlib.util
 import itertools
@@ -168,10 +170,23 @@ def load_sweep(spec_string: str) -> list[Run]:
     return runs
 
 
-def plan(runs: Sequence[Run], pack: bool = True) -> list[Job]:
+def plan(runs: Sequence[Run], pack: bool = True, only: Sequence[str] = ()) -> list[Job]:
     """The jobs that train ``runs``: runs equal but for consecutive seeds become one population
     when ``pack``; every other run is a job of its own. Order follows the sweep's; when
-    packing, runs that differ only in their seed stay together, at their first run's place."""
+    packing, runs that differ only in their seed stay together, at their first run's place.
+    ``only``: glob patterns; just the jobs with a run whose name matches one (the plan is the
+    whole sweep's, so every job keeps its directory and its members whatever is selected)."""
+    jobs = _plan(runs, pack)
+    if not only:
+        return jobs
+    chosen = [j for j in jobs if any(fnmatch.fnmatchcase(m, p) for m in j.members for p in only)]
+    if not chosen:
+        names = sorted(m for j in jobs for m in j.members)
+        raise ValueError(f"--only={','.join(only)}: matches none of the runs {names}.")
+    return chosen
+
+
+def _plan(runs: Sequence[Run], pack: bool) -> list[Job]:
     names = dict(zip((id(r) for r in runs), run_names(runs), strict=True))
 
     def single(run: Run) -> Job:
@@ -311,6 +326,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("dry_run", False, "Print the plan and commands only.", flag_values=fv)
     flags.DEFINE_integer("parallel", 1, "Jobs at once.", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("pack", True, "Pack runs differing in seed into populations.", flag_values=fv)
+    flags.DEFINE_list(
+        "only", [], "Only the jobs with a run whose name matches one of these glob patterns, "
+        "e.g. 'ptb-cyclical.seed-1' or '*.seed-1' (a population trains all its members). "
+        "[]: all.", flag_values=fv,
+    )  # fmt: skip
     flags.DEFINE_string(
         "tpu", "", "With --dry_run: also print each job's command for every worker of this TPU "
         "VM pod slice.", flag_values=fv,
@@ -331,8 +351,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> dict[str, int]:
     runs = load_sweep(fv.sweep)
-    jobs = plan(runs, pack=fv.pack)
-    print(f"{fv.sweep}: {len(runs)} runs in {len(jobs)} jobs under {fv.workdir}", flush=True)
+    jobs = plan(runs, pack=fv.pack, only=fv.only)
+    chosen = f" (--only={','.join(fv.only)})" if fv.only else ""
+    print(f"{fv.sweep}: {len(runs)} runs, {len(jobs)} jobs{chosen} under {fv.workdir}", flush=True)
     evaluate = shlex.split(fv.evaluate)
     for job in jobs:
         kind = f"population of {len(job.members)}" if len(job.members) > 1 else "single run"

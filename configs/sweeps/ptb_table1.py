@@ -17,6 +17,9 @@ trained apart (``experiments/results/benchmark/population_cpu.json``), so there
 
 gives every row's first seed soonest and the others after it, and scores each run's best
 checkpoint on the test split (IW-NLL, MI, AU: the table's last columns) once it has trained.
+Where a machine lasts less than a pair of runs side by side, ``--parallel=1 --only=RUN`` (e.g.
+``--only=ptb-cyclical.seed-1``) trains one run on all the cores, which finishes it sooner for
+a slightly lower total throughput, and the archive keeps it once it is done.
 ``--archive`` copies each finished run's record (no checkpoint) to commit beside the table.
 """
 
