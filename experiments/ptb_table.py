@@ -15,7 +15,9 @@ the bound exp((ΣRec + ΣKL)/#predicted tokens) with one z sample, as in trainin
 ``--archive DIR`` copies what the table and plot read of each run (``config.json``, the
 evaluation records of ``metrics.jsonl``, ``eval_<split>.json``: a few kB, no checkpoint) into
 ``DIR/<run>/``, a record to commit beside the table: ``ptb_table.py DIR`` rebuilds both from it
-once the workdirs are gone.
+once the workdirs are gone. ``--rows_from TABLE.json`` adds the per-run rows of an earlier
+``--out`` (runs whose workdirs were lost before there was an archive): they count in the table's
+mean ± std as recorded there, and are left out of the curves, which need their evaluation records.
 
 Where ``python -m vae_jax.evaluate`` has scored a run's selected checkpoint on ``--split``
 (its ``eval_<split>.json`` in the workdir, from the same step), the row also has IW-NLL, MI
@@ -92,6 +94,36 @@ def archive(dirs: list[str], out: str) -> None:
                 shutil.copyfile(scores, runs.eval_results_path(target, split))
 
 
+ROW_FIELDS = ("model", "schedule", "seed", "epoch", "epochs_run", "num_epochs", *FIGURES)
+
+
+def recorded_rows(path: str) -> list[dict]:
+    """The per-run rows of an earlier ``--out`` JSON, each marked ``recorded_in=path``."""
+    with open(path, encoding="utf-8") as f:
+        groups = json.load(f)
+    expected = f"--rows_from {path}: expected the JSON of `ptb_table.py --out` (rows with 'runs')"
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and "runs" in g for g in groups):
+        raise ValueError(f"{expected}.")
+    rows = []
+    for g in groups:
+        for r in g["runs"]:
+            missing = [k for k in ROW_FIELDS if k not in r]
+            if missing:
+                raise ValueError(f"{expected}; a run of {g.get('model')} {g.get('schedule')} "
+                                 f"lacks {missing}.")  # fmt: skip
+            rows.append({**r, "recorded_in": r.get("recorded_in", path)})
+    return rows
+
+
+def merged(rows: list[dict], recorded: list[dict]) -> list[dict]:
+    """``rows`` and the ``recorded`` ones; a run in both (same model, schedule, seed) is refused."""
+    key = lambda r: (r["model"], r["schedule"], r["seed"])  # noqa: E731
+    twice = sorted({key(r) for r in recorded} & {key(r) for r in rows})
+    if twice:
+        raise ValueError(f"--rows_from: run(s) {twice} are also given as workdirs; drop one.")
+    return rows + recorded
+
+
 def model_name(config: dict) -> str:
     return "SA-VAE" if config.get("model", {}).get("svi_steps", 0) > 0 else "VAE"
 
@@ -121,6 +153,8 @@ def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -
     return {
         **scored(workdir, split, step),
         "workdir": workdir,
+        "split": split,
+        "select": select,
         "model": model_name(config),
         "schedule": schedule_name(config),
         "epoch": r.get("epoch"),
@@ -204,9 +238,17 @@ def caption(groups: list[dict], split: str, select: str, max_epoch: float | None
     members = [r for g in groups for r in g["runs"]]
     seeds = sorted({r["seed"] for r in members})
     done = sorted({f"{r['epochs_run']:g} of {r['num_epochs']}" for r in members})
+    recorded = {}
+    for r in members:
+        if "recorded_in" in r:
+            recorded.setdefault(os.path.basename(r["recorded_in"]), set()).add(r["seed"])
+    sources = "".join(
+        f"; seeds {sorted(s)} as recorded in {name} (their workdirs are gone: not in the curves)"
+        for name, s in sorted(recorded.items())
+    )
     return (
         f"{split} split; epochs run: {', '.join(done)}; each run at its epoch of {chosen}{limit}; "
-        f"seeds {seeds}; "
+        f"seeds {seeds}{sources}; "
         "a row of several runs is mean ± std (ddof 1). Rec, KL, −ELBO and the PPL bound from "
         "one z sample; IW-NLL, MI (whole split) and AU from `python -m vae_jax.evaluate`, "
         "where it scored that checkpoint. Last column: the selected epoch of the epochs run."
@@ -224,9 +266,11 @@ def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for g in groups:
         curves = []
-        for run in g["runs"]:
+        for run in (r for r in g["runs"] if "recorded_in" not in r):  # those have no records
             records = [r for r in writers.read_metrics(run["workdir"]) if "valid_kl" in r]
             curves.append({r["epoch"]: (r["valid_kl"], r["valid_ppl_bound"]) for r in records})
+        if not curves:
+            continue
         epochs = sorted(set.intersection(*(set(c) for c in curves)))
         if max_epoch is not None:
             epochs = [e for e in epochs if e <= max_epoch + 1e-9]
@@ -235,7 +279,7 @@ def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -
         values = np.array([[c[e] for e in epochs] for c in curves])  # (runs, epochs, 2)
         for i, ax in enumerate(axes):
             mean, std = values[..., i].mean(0), values[..., i].std(0)
-            line = ax.plot(epochs, mean, label=f"{g['model']} {g['schedule']} (n={g['n']})")
+            line = ax.plot(epochs, mean, label=f"{g['model']} {g['schedule']} (n={len(curves)})")
             ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=line[0].get_color())
     axes[0].set_title("valid KL (nats)")
     axes[1].set_title("valid PPL bound")
@@ -261,9 +305,18 @@ def main() -> None:
     parser.add_argument("--markdown", help="Also write the table as Markdown here.")
     parser.add_argument("--plot", help="Also draw the learning curves into this PNG.")
     parser.add_argument("--archive", help="Also copy each run's record (no checkpoint) here.")
+    parser.add_argument("--rows_from", action="append", default=[],
+                        help="An earlier --out JSON whose runs' workdirs are gone.")  # fmt: skip
     args = parser.parse_args()
+    recorded = [r for path in args.rows_from for r in recorded_rows(path)]
+    # Rows of an --out older than their split/select fields were made with the defaults.
+    if any((r.get("split", "test"), r.get("select", "best")) != (args.split, args.select)
+           for r in recorded) or (recorded and args.max_epoch is not None):  # fmt: skip
+        parser.error(f"--rows_from: its rows are not of --split={args.split} --select="
+                     f"{args.select} (they are taken as recorded; no --max_epoch).")  # fmt: skip
     dirs = [d for path in args.workdirs for d in run_dirs(path)]
-    groups = grouped([row(d, args.split, args.select, args.max_epoch) for d in dirs])
+    rows = [row(d, args.split, args.select, args.max_epoch) for d in dirs]
+    groups = grouped(merged(rows, recorded))
     table = markdown(groups, args.split)
     print(table)
     if args.markdown:
