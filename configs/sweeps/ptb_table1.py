@@ -20,7 +20,9 @@ checkpoint on the test split (IW-NLL, MI, AU: the table's last columns) once it 
 Where a machine lasts less than a pair of runs side by side, ``--parallel=1 --only=RUN`` (e.g.
 ``--only=ptb-cyclical.seed-1``) trains one run on all the cores, which finishes it sooner for
 a slightly lower total throughput, and the archive keeps it once it is done.
-``--archive`` copies each finished run's record (no checkpoint) to commit beside the table.
+``--archive`` copies each finished run's record (no checkpoint) to commit beside the table;
+``ptb_table.py … --rows_from TABLE.json`` adds the runs of an earlier table whose directories
+are gone (in the mean ± std, not the curves).
 """
 
 from vae_jax.sweep import product, sweep
