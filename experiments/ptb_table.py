@@ -13,7 +13,8 @@ same length). A row of several runs (seeds) gives mean ± standard deviation ove
 the bound exp((ΣRec + ΣKL)/#predicted tokens) with one z sample, as in training logs.
 ``--plot`` draws each row's per-epoch valid KL and PPL bound, mean ± std bands over its runs.
 ``--archive DIR`` copies what the table and plot read of each run (``config.json``, the
-evaluation records of ``metrics.jsonl``, ``eval_<split>.json``: a few kB, no checkpoint) into
+evaluation records of ``metrics.jsonl`` as ``evaluations.json``, ``eval_<split>.json``: a few kB,
+no checkpoint, no training rows) into
 ``DIR/<run>/``, a record to commit beside the table: ``ptb_table.py DIR`` rebuilds both from it
 once the workdirs are gone. ``--rows_from TABLE.json`` adds the per-run rows of an earlier
 ``--out`` (runs whose workdirs were lost before there was an archive): they count in the table's
@@ -37,6 +38,7 @@ from vae_jax import files, runs, writers
 
 FIGURES = ("rec", "kl", "neg_elbo", "ppl")
 SCORED = ("iw_nll", "mi", "au")  # from vae_jax.evaluate's eval_<split>.json, where present
+EVALUATIONS = "evaluations.json"  # an archived run's evaluation records, in order
 
 
 def run_dirs(path: str) -> list[str]:
@@ -81,11 +83,8 @@ def archive(dirs: list[str], out: str) -> None:
             continue  # already the archived copy
         os.makedirs(target, exist_ok=True)
         shutil.copyfile(os.path.join(workdir, runs.CONFIG), os.path.join(target, runs.CONFIG))
-        records = writers.read_metrics(workdir)
-        evaluations = "".join(
-            json.dumps(r) + "\n" for r in records if any("_ppl_bound" in k for k in r)
-        )
-        files.write_atomic(os.path.join(target, runs.METRICS), evaluations)
+        lines = ",\n".join(json.dumps(r) for r in evaluations(workdir))
+        files.write_atomic(os.path.join(target, EVALUATIONS), f"[\n{lines}\n]\n")
         with open(os.path.join(workdir, runs.CONFIG), encoding="utf-8") as f:
             splits = json.load(f)["data"]["eval_splits"]
         for split in splits:
@@ -111,7 +110,8 @@ def recorded_rows(path: str) -> list[dict]:
             if missing:
                 raise ValueError(f"{expected}; a run of {g.get('model')} {g.get('schedule')} "
                                  f"lacks {missing}.")  # fmt: skip
-            rows.append({**r, "recorded_in": r.get("recorded_in", path)})
+            # An --out older than the split and select fields was made with the defaults.
+            rows.append({"split": "test", "select": "best", "recorded_in": path, **r})
     return rows
 
 
@@ -122,6 +122,15 @@ def merged(rows: list[dict], recorded: list[dict]) -> list[dict]:
     if twice:
         raise ValueError(f"--rows_from: run(s) {twice} are also given as workdirs; drop one.")
     return rows + recorded
+
+
+def evaluations(workdir: str) -> list[dict]:
+    """A run's per-epoch evaluation records: its archive's, or those of its ``metrics.jsonl``."""
+    archived = os.path.join(workdir, EVALUATIONS)
+    if os.path.exists(archived):
+        with open(archived, encoding="utf-8") as f:
+            return json.load(f)
+    return [r for r in writers.read_metrics(workdir) if any("_ppl_bound" in k for k in r)]
 
 
 def model_name(config: dict) -> str:
@@ -136,13 +145,13 @@ def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -
     """The figures of one workdir at the selected evaluation."""
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    records = writers.read_metrics(workdir)
+    records = evaluations(workdir)
     if max_epoch is not None:
         records = [r for r in records if r.get("epoch", 0) <= max_epoch + 1e-9]
     evals = {r["step"]: r for r in records if f"{split}_ppl_bound" in r}
     valid = {r["step"]: r for r in records if "valid_ppl_bound" in r}
     if not evals:
-        raise ValueError(f"{workdir}: metrics.jsonl has no {split} evaluation yet.")
+        raise ValueError(f"{workdir}: no {split} evaluation yet.")
     if select == "best":
         if not valid:
             raise ValueError(f"{workdir}: no valid evaluation to select the best epoch by.")
@@ -267,7 +276,7 @@ def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -
     for g in groups:
         curves = []
         for run in (r for r in g["runs"] if "recorded_in" not in r):  # those have no records
-            records = [r for r in writers.read_metrics(run["workdir"]) if "valid_kl" in r]
+            records = [r for r in evaluations(run["workdir"]) if "valid_kl" in r]
             curves.append({r["epoch"]: (r["valid_kl"], r["valid_ppl_bound"]) for r in records})
         if not curves:
             continue
@@ -309,9 +318,9 @@ def main() -> None:
                         help="An earlier --out JSON whose runs' workdirs are gone.")  # fmt: skip
     args = parser.parse_args()
     recorded = [r for path in args.rows_from for r in recorded_rows(path)]
-    # Rows of an --out older than their split/select fields were made with the defaults.
-    if any((r.get("split", "test"), r.get("select", "best")) != (args.split, args.select)
-           for r in recorded) or (recorded and args.max_epoch is not None):  # fmt: skip
+    if any((r["split"], r["select"]) != (args.split, args.select) for r in recorded) or (
+        recorded and args.max_epoch is not None
+    ):
         parser.error(f"--rows_from: its rows are not of --split={args.split} --select="
                      f"{args.select} (they are taken as recorded; no --max_epoch).")  # fmt: skip
     dirs = [d for path in args.workdirs for d in run_dirs(path)]

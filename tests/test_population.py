@@ -155,6 +155,8 @@ def test_text_population_keeps_each_members_best(tmp_path):
     assert sorted(os.listdir(archived)) == ["pop.member-0", "pop.member-1"]
     assert not any(os.path.isdir(os.path.join(archived, "pop.member-1", f)) for f in
                    os.listdir(os.path.join(archived, "pop.member-1")))  # fmt: skip
+    kept = sorted(os.listdir(os.path.join(archived, "pop.member-1")))
+    assert kept == ["config.json", "eval_test.json", "evaluations.json"]  # no training rows
     before = [ptb_table.row(d, "test", "best") for d in dirs]
     assert "iw_nll" in before[1]
     shutil.rmtree(workdir)
