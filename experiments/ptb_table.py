@@ -265,7 +265,8 @@ def caption(groups: list[dict], split: str, select: str, max_epoch: float | None
 
 
 def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -> None:
-    """Per-epoch valid KL and PPL bound of each row, mean ± std over its runs."""
+    """Per-epoch valid KL and PPL bound of each row, mean ± std (ddof 1, as in the table) over
+    its runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,9 +288,12 @@ def plot_curves(groups: list[dict], path: str, max_epoch: float | None = None) -
             continue
         values = np.array([[c[e] for e in epochs] for c in curves])  # (runs, epochs, 2)
         for i, ax in enumerate(axes):
-            mean, std = values[..., i].mean(0), values[..., i].std(0)
+            mean = values[..., i].mean(0)
             line = ax.plot(epochs, mean, label=f"{g['model']} {g['schedule']} (n={len(curves)})")
-            ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=line[0].get_color())
+            if len(curves) > 1:  # the table's std (ddof 1); one run has no band
+                std = values[..., i].std(0, ddof=1)
+                color = line[0].get_color()
+                ax.fill_between(epochs, mean - std, mean + std, alpha=0.25, color=color)
     axes[0].set_title("valid KL (nats)")
     axes[1].set_title("valid PPL bound")
     for ax in axes:
