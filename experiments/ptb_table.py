@@ -143,7 +143,7 @@ def schedule_name(config: dict) -> str:
 
 def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -> dict:
     """The figures of one workdir at the selected evaluation."""
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    with open(os.path.join(workdir, runs.CONFIG), encoding="utf-8") as f:
         config = json.load(f)
     records = evaluations(workdir)
     if max_epoch is not None:
