@@ -71,6 +71,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 2_000
     config.checkpoints_to_keep = 3
     config.checkpoint_keep_period = 0
+    # Each cycle's end (epochs 10, 20, …, 100) is kept besides the last and the best, so the
+    # classifier can read the features of every cycle (`experiments/yelp_classify.py`).
+    config.checkpoint_keep_every_epochs = 10
     config.max_nonfinite_steps = 10
     config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
 

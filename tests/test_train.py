@@ -203,3 +203,12 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
     evaluate = run_python(["-m", "vae_jax.evaluate", f"--workdir={tmp_path}/none"], timeout=120)
     assert evaluate.returncode == 2 and "error: --workdir=" in evaluate.stderr
     assert "Traceback" not in evaluate.stderr
+
+
+def test_keep_period_counts_epochs_where_given():
+    config = tiny_synthetic_config("cyclical", checkpoint_keep_period=5)
+    assert train.keep_period(config, steps_per_epoch=7) == 5  # steps, as before
+    config.checkpoint_keep_every_epochs = 10  # Yelp's cycle ends: epochs 10, 20, …
+    assert train.keep_period(config, steps_per_epoch=7) == 70
+    with pytest.raises(ValueError, match="checkpoint_keep_every_epochs=10: .* has no epochs"):
+        train.keep_period(config, steps_per_epoch=None)

@@ -57,6 +57,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     period = config.checkpoint_keep_period
     if isinstance(period, bool) or not isinstance(period, int) or period < 0:
         _fail("checkpoint_keep_period", period, "must be an integer >= 0 (0: none kept)")
+    every = config.get("checkpoint_keep_every_epochs", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        _fail("checkpoint_keep_every_epochs", every, "must be an integer >= 0 (0: none kept)")
     spike = config.loss_spike
     if not (math.isfinite(spike.factor) and (spike.factor == 0 or spike.factor > 1)):
         _fail("loss_spike.factor", spike.factor, "must be 0 (off) or a finite number > 1")

@@ -485,6 +485,21 @@ def run_length(config: ml_collections.ConfigDict, steps_per_epoch: int | None) -
     return config.num_train_steps
 
 
+def keep_period(config: ml_collections.ConfigDict, steps_per_epoch: int | None) -> int:
+    """Steps between checkpoints kept for good: ``checkpoint_keep_every_epochs`` epochs where
+    given (the epoch-end checkpoints of every such epoch, e.g. each cycle's end), else
+    ``checkpoint_keep_period`` steps (0: none)."""
+    epochs = config.get("checkpoint_keep_every_epochs", 0)
+    if epochs > 0:
+        if not steps_per_epoch:
+            raise ValueError(
+                f"config.checkpoint_keep_every_epochs={epochs}: {config.data.name!r} has no "
+                "epochs; set config.checkpoint_keep_period (steps) instead."
+            )
+        return epochs * steps_per_epoch
+    return config.checkpoint_keep_period
+
+
 def eval_interval(config: ml_collections.ConfigDict, steps_per_epoch: int | None) -> int:
     """``eval_every_epochs`` × steps per epoch where given, else ``eval_every_steps``."""
     if config.get("eval_every_epochs", -1) > 0 and steps_per_epoch:
@@ -579,7 +594,7 @@ def _train_and_evaluate(
     dirs = dirs if is_population else [workdir]
 
     checkpointer = checkpoints.Checkpointer(
-        workdir, keep=config.checkpoints_to_keep, keep_period=config.checkpoint_keep_period
+        workdir, keep=config.checkpoints_to_keep, keep_period=keep_period(config, steps_per_epoch)
     )
     example = jax.tree.map(lambda x: x[:1], next(data.train(0)))
     states = []
