@@ -557,3 +557,68 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     with open(path, encoding="utf-8") as f:
         assert f.read() == '{"seed": 1}'
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+# ----------------------------------------------------------------------------- second round
+
+
+def damage_every_checkpoint(workdir):
+    for step in os.listdir(workdir / "checkpoints"):
+        os.remove(workdir / "checkpoints" / step / "state" / "_METADATA")
+
+
+def test_a_rerun_over_damaged_checkpoints_refuses_to_overwrite_the_history(tmp_path):
+    """Before: every checkpoint damaged, the rerun moved them aside and silently started again
+    from step 0, truncating metrics.jsonl (and overwriting best/)."""
+    config = shared_tiny_config("constant", steps=20, log_every=5, checkpoint_every_steps=5)
+    train.train_and_evaluate(config, str(tmp_path))
+    damage_every_checkpoint(tmp_path)
+    message = r"no usable checkpoint .*damaged: .*checkpoints_corrupt/20-.*intact: .*metrics.jsonl"
+    with pytest.raises(runs.HistoryAtRiskError, match=message) as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "--start_over" in str(err.value)
+    assert logged_steps(str(tmp_path)) == [5, 10, 15, 20]  # the history is untouched
+    with pytest.raises(runs.HistoryAtRiskError, match=r"intact: .*metrics.jsonl"):
+        train.train_and_evaluate(config, str(tmp_path))  # and again, the damaged moved aside
+    state = train.train_and_evaluate(config, str(tmp_path), start_over=True)
+    assert int(state.step) == 20 and logged_steps(str(tmp_path)) == [5, 10, 15, 20]
+    (superseded,) = [n for n in os.listdir(tmp_path) if n.startswith("superseded-")]
+    assert (tmp_path / superseded / "metrics.jsonl").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_unasked(tmp_path):
+    config = shared_tiny_config("constant", steps=20, log_every=5, checkpoint_every_steps=10)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "rec": 1.0}\n')
+    state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 20
+
+
+def flip_bytes(path, count=8):
+    data = bytearray(open(path, "rb").read())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    open(path, "wb").write(bytes(data))
+
+
+def test_best_carries_a_digest_checked_on_read(tmp_path, caplog):
+    """Before: flipped bytes in best/params.msgpack were read silently by evaluate, generate
+    and init_from."""
+    params = {"dec": {"w": np.arange(64, dtype=np.float32)}, "enc": {"b": np.ones(3, np.float32)}}
+    checkpoints.save(str(tmp_path / "best"), params, {"step": 3, "valid": {"ppl_bound": 9.0}})
+    read, info = checkpoints.restore_params(str(tmp_path), "best")
+    assert_same_params(read, params) and info["step"] == 3
+    assert runs.best_value(str(tmp_path)) == 9.0
+    flip_bytes(tmp_path / "best" / "params.msgpack")
+    with pytest.raises(checkpoints.CorruptCheckpointError, match=r"best/params.msgpack does not"):
+        checkpoints.restore_params(str(tmp_path), "best")
+    with pytest.raises(checkpoints.CorruptCheckpointError, match=r"best/params.msgpack does not"):
+        checkpoints.load(str(tmp_path / "best"), params)
+    (tmp_path / "best" / "info.json").write_text('{"step": 3, "valid": {"ppl_bo')
+    with pytest.raises(checkpoints.CorruptCheckpointError, match=r"best/info.json cannot be read"):
+        runs.best_value(str(tmp_path))
+    # A best/ from before digests is still read, with a warning.
+    (tmp_path / "best" / "params.msgpack").write_bytes(checkpoints.serialization.to_bytes(params))
+    (tmp_path / "best" / "info.json").write_text('{"step": 3}')
+    with caplog.at_level("WARNING"):
+        read, _ = checkpoints.restore_params(str(tmp_path), "best")
+    assert_same_params(read, params) and "unverified" in caplog.text

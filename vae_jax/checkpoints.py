@@ -14,7 +14,11 @@
   bytes, a truncated or missing file) raises `CorruptCheckpointError`; `restore_latest` then
   moves it aside to ``workdir/checkpoints_corrupt/`` with a warning and uses the one before.
 - ``workdir/best/``: the parameters of the best evaluation so far (``save``/``load``): msgpack
-  plus ``info.json``, each written to a temporary file then renamed into place.
+  plus ``info.json``, each written to a temporary file then renamed into place. ``info.json``
+  holds the sha256 of the msgpack bytes (`PARAMS_DIGEST`), checked by every read
+  (`read_best`): flipped bytes, a truncated file or an unreadable ``info.json`` raise
+  `CorruptCheckpointError` naming the file. A ``best/`` written before digests is read with a
+  warning that it is unverified.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ PARAMS, INFO = "params.msgpack", "info.json"
 
 
 STATE_DIGEST = "state_sha256"
+PARAMS_DIGEST = "params_sha256"  # in best/info.json: sha256 of best/params.msgpack's bytes
 
 
 def state_digest(tree: Any) -> str:
@@ -72,22 +77,59 @@ class UnverifiedCheckpointError(CorruptCheckpointError):
 
 
 def save(directory: str, params: Any, info: Mapping[str, Any]) -> None:
-    """Writes ``params`` (a host pytree) and ``info`` into ``directory``; params first, so a
-    present ``info.json`` always describes the ``params.msgpack`` beside it."""
+    """Writes ``params`` (a host pytree) and ``info`` into ``directory``; params first, then
+    ``info.json`` with the params' digest, so a present ``info.json`` vouches for the
+    ``params.msgpack`` beside it."""
     os.makedirs(directory, exist_ok=True)
-    files.write_atomic(os.path.join(directory, PARAMS), serialization.to_bytes(params))
-    files.write_atomic(os.path.join(directory, INFO), json.dumps(dict(info), indent=1).encode())
+    data = serialization.to_bytes(params)
+    info = {**info, PARAMS_DIGEST: hashlib.sha256(data).hexdigest()}
+    files.write_atomic(os.path.join(directory, PARAMS), data)
+    files.write_atomic(os.path.join(directory, INFO), json.dumps(info, indent=1).encode())
 
 
-def load(directory: str, target: Any) -> tuple[Any, dict]:
-    """Parameters shaped like ``target`` and the info saved with them."""
+def read_info(directory: str) -> dict:
+    """``directory/info.json`` (a ``best/``); `CorruptCheckpointError` naming it if unreadable."""
+    path = os.path.join(directory, INFO)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # a torn or bit-flipped JSON, a non-UTF-8 byte
+        raise CorruptCheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(info, dict):
+        raise CorruptCheckpointError(f"{path} is not a JSON object")
+    return info
+
+
+def read_best(directory: str) -> tuple[bytes, dict]:
+    """The msgpack bytes and info of a ``best/`` directory, the bytes checked against the
+    digest in ``info.json`` (`CorruptCheckpointError` naming the file if they differ)."""
     path = os.path.join(directory, PARAMS)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no parameter snapshot at {path}")
     with open(path, "rb") as f:
-        params = serialization.from_bytes(target, f.read())
-    with open(os.path.join(directory, INFO), encoding="utf-8") as f:
-        return params, json.load(f)
+        data = f.read()
+    info = read_info(directory)
+    want = info.pop(PARAMS_DIGEST, None)
+    if want is None:
+        # Written before digests: refusing it would make old runs unreadable.
+        logging.warning("%s: no %s in %s (written before digests); unverified.", path,
+                        PARAMS_DIGEST, INFO)  # fmt: skip
+    else:
+        have = hashlib.sha256(data).hexdigest()
+        if have != want:
+            raise CorruptCheckpointError(
+                f"{path} does not match the digest in {INFO} (sha256 {have[:12]}…, saved "
+                f"{want[:12]}…): damaged, or a save interrupted between its two files"
+            )
+    return data, info
+
+
+def load(directory: str, target: Any) -> tuple[Any, dict]:
+    """Parameters shaped like ``target`` and the info saved with them (checked: `read_best`)."""
+    data, info = read_best(directory)
+    return serialization.from_bytes(target, data), info
 
 
 def restore_params(workdir: str, which: str = "best") -> tuple[Any, dict]:
@@ -103,10 +145,11 @@ def restore_params(workdir: str, which: str = "best") -> tuple[Any, dict]:
                 f"{workdir}: no best checkpoint at {path} (a run saves one after an evaluation "
                 "on a split named 'valid'); try --checkpoint=last."
             )
-        with open(path, "rb") as f:
-            params = serialization.msgpack_restore(f.read())
-        with open(os.path.join(workdir, "best", INFO), encoding="utf-8") as f:
-            return params, json.load(f)
+        data, info = read_best(os.path.join(workdir, "best"))
+        try:
+            return serialization.msgpack_restore(data), info
+        except Exception as e:  # noqa: BLE001  (an unverified file that does not decode)
+            raise CorruptCheckpointError(f"{path} cannot be decoded ({e})") from e
     manager = Checkpointer(workdir, read_only=True)
     steps = manager.steps()
     if not steps:
@@ -154,6 +197,7 @@ class Checkpointer:
             )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._read_only = read_only
+        self.moved: list[tuple[int, str]] = []  # (step, where) of those `quarantine` moved
 
     def quarantine(self, step: int) -> str:
         """Moves checkpoint ``step`` out of the way (it would otherwise block a new save at
@@ -162,6 +206,7 @@ class Checkpointer:
         if jax.process_index() == 0:  # a multi-process run's other processes wait for it
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(os.path.join(self.directory, str(step)), target)
+        self.moved.append((step, target))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -32,6 +32,12 @@ flags.DEFINE_bool(
     False,
     "Continue a workdir whose saved config differs from --config (the keys are listed).",
 )
+flags.DEFINE_bool(
+    "start_over",
+    False,
+    "Start again from step 0 in a workdir that has no usable checkpoint but holds an earlier "
+    "run's history (best/, metrics), which is moved to superseded-<time>/.",
+)
 flags.DEFINE_string("coordinator_address", "", "Multi-process: process 0's host:port.")
 flags.DEFINE_integer("num_processes", 1, "Multi-process: how many processes.", lower_bound=1)
 flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.", lower_bound=0)
@@ -47,7 +53,12 @@ def run(fv: flags.FlagValues) -> None:
         fv.coordinator_address, fv.num_processes, fv.process_id, auto=fv.distributed == "auto"
     )
     logging.info("Config:\n%s", fv.config)
-    train.train_and_evaluate(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
+    train.train_and_evaluate(
+        fv.config,
+        fv.workdir,
+        allow_config_change=fv.allow_config_change,
+        start_over=fv.start_over,
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
+import time
 from typing import Any
 
 import jax
@@ -196,6 +198,75 @@ def truncate_metrics(workdir: str, step: int) -> None:
     files.write_atomic(path, "".join(kept))
 
 
+class HistoryAtRiskError(RuntimeError):
+    """A run would start again from step 0 over a workdir that holds an earlier run's record."""
+
+
+def history(directories: list[str], checkpoint_every: int) -> list[str]:
+    """The files in ``directories`` (a run's, or its members') that a start from step 0 would
+    overwrite and that a checkpoint was due for: ``best/``, ``eval_*.json``, and
+    ``metrics.jsonl`` with a record at or after ``checkpoint_every`` steps (records before the
+    first checkpoint are what any resume drops)."""
+    found = []
+    for directory in directories:
+        if os.path.isdir(os.path.join(directory, BEST)):
+            found.append(os.path.join(directory, BEST) + "/")
+        found += sorted(
+            os.path.join(directory, n)
+            for n in (os.listdir(directory) if os.path.isdir(directory) else ())
+            if n.startswith("eval_") and n.endswith(".json")
+        )
+        path = os.path.join(directory, METRICS)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        step = json.loads(line)["step"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if step >= checkpoint_every:
+                        found.append(path)
+                        break
+    return found
+
+
+def check_fresh_start(
+    workdir: str,
+    directories: list[str],
+    moved: list[tuple[int, str]],
+    checkpoint_every: int,
+    start_over: bool,
+) -> None:
+    """Before a run starts from step 0: refuses (`HistoryAtRiskError`) when ``workdir`` holds
+    an earlier run's history (`history`) and no checkpoint to resume it, naming what is
+    damaged (``moved`` now, and what ``checkpoints_corrupt/`` already held) and what is intact;
+    ``start_over`` moves that history to ``<dir>/superseded-<time>/`` instead and goes on."""
+    intact = history(directories, checkpoint_every)
+    if not intact:
+        return
+    corrupt = os.path.join(workdir, checkpoints.CORRUPT)
+    damaged = [where for _, where in moved]
+    if os.path.isdir(corrupt):
+        damaged += [os.path.join(corrupt, n) for n in sorted(os.listdir(corrupt))]
+    damaged = sorted(set(damaged))
+    if not start_over:
+        raise HistoryAtRiskError(
+            f"{workdir}: no usable checkpoint to resume from "
+            f"({'damaged: ' + ', '.join(damaged) if damaged else 'none in checkpoints/'}), but "
+            f"it holds an earlier run's history (intact: {', '.join(intact)}); starting again "
+            "from step 0 would overwrite it. Pass --start_over to start again (the history is "
+            "moved to superseded-<time>/), or use another --workdir."
+        )
+    stamp = f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    for path in intact:
+        path = path.rstrip("/")
+        target = os.path.join(os.path.dirname(path), stamp)
+        os.makedirs(target, exist_ok=True)
+        shutil.move(path, os.path.join(target, os.path.basename(path)))
+    logging.warning("%s: starting again from step 0; the earlier history is in %s/.", workdir,
+                    stamp)  # fmt: skip
+
+
 class WorkdirLockedError(RuntimeError):
     """Another live process trains in this workdir."""
 
@@ -255,8 +326,11 @@ def best_value(workdir: str, metric: str = "ppl_bound") -> float:
     path = os.path.join(workdir, BEST, checkpoints.INFO)
     if not os.path.exists(path):
         return float("inf")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["valid"][metric]
+    info = checkpoints.read_info(os.path.join(workdir, BEST))
+    try:
+        return float(info["valid"][metric])
+    except (KeyError, TypeError, ValueError):
+        raise checkpoints.CorruptCheckpointError(f"{path}: no valid {metric!r} in it") from None
 
 
 # --- Reading a run ---------------------------------------------------------------------------

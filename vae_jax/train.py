@@ -545,6 +545,7 @@ def train_and_evaluate(
     workdir: str,
     callbacks: Sequence[Callback] = (),
     allow_config_change: bool = False,
+    start_over: bool = False,
 ) -> TrainState:
     """Trains for ``num_train_steps`` (or ``num_epochs``) and returns the final state.
 
@@ -555,6 +556,8 @@ def train_and_evaluate(
     a split named ``valid`` with a lower PPL bound than before, the parameters under
     ``workdir/best/``. SIGTERM and Ctrl-C save a checkpoint and raise `TrainingInterrupted`.
     ``callbacks`` are called as ``callback(step, state)`` after every step (replicated state).
+    With no usable checkpoint, a workdir holding an earlier run's history (``best/``, metrics
+    past the first checkpoint) is refused unless ``start_over`` (`runs.check_fresh_start`).
     """
     num_devices = jax.local_device_count()
     config_checks.check_config(config, jax.device_count())  # all processes' devices
@@ -563,7 +566,7 @@ def train_and_evaluate(
     lock = runs.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext()
     with lock:
         runs.check_workdir_config(config, workdir, allow_config_change)
-        return _train_and_evaluate(config, workdir, callbacks, num_devices)
+        return _train_and_evaluate(config, workdir, callbacks, num_devices, start_over)
 
 
 def _train_and_evaluate(
@@ -571,6 +574,7 @@ def _train_and_evaluate(
     workdir: str,
     callbacks: Sequence[Callback],
     num_devices: int,
+    start_over: bool = False,
 ) -> TrainState:
     data = input_pipeline.get_data(config)
     primary = distributed.is_primary()  # the one process that writes files besides checkpoints
@@ -605,6 +609,11 @@ def _train_and_evaluate(
     state = stack_states(states) if is_population else states[0]
     start = 0
     latest = checkpointer.restore_latest(target=state)  # the latest whole one
+    if latest is None and (primary or not start_over):  # only the primary moves files
+        directories = [workdir] + (dirs if is_population else [])
+        every = config.checkpoint_every_steps
+        runs.check_fresh_start(workdir, directories, checkpointer.moved, every, start_over)
+    distributed.sync("fresh start")
     if latest is not None:
         _, state, meta = latest
         start = int(np.max(state.step))
