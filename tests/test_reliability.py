@@ -622,3 +622,38 @@ def test_best_carries_a_digest_checked_on_read(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         read, _ = checkpoints.restore_params(str(tmp_path), "best")
     assert_same_params(read, params) and "unverified" in caplog.text
+
+
+def test_a_diverging_population_member_is_frozen_and_the_others_go_on(tmp_path):
+    """Before: member 1 at lr=1e30 stopped the whole population (NonFiniteError at step 12),
+    the healthy member with it, and a rerun did the same."""
+    from vae_jax import population
+
+    config = shared_tiny_config("constant", steps=30, log_every=5, checkpoint_every_steps=10)
+    config.update(population_size=2, population_fields=(("lr_schedule.value", (1e-3, 1e30)),))
+    state = train.train_and_evaluate(config, str(tmp_path / "pop"))  # ends normally
+    marker = json.loads((tmp_path / "pop" / "members" / "1" / "diverged.json").read_text())
+    assert marker["diverged_at_step"] < marker["frozen_at_step"] <= 30
+    assert "Population member 1:" in marker["reason"]
+    assert not (tmp_path / "pop" / "members" / "0" / "diverged.json").exists()
+    records = writers.read_metrics(population.member_dir(str(tmp_path / "pop"), 1))
+    assert [r for r in records if "beta" in r][-1].get("diverged") == 1.0
+    frozen_params = jax.tree.map(lambda x: np.asarray(x)[1], state.params)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(frozen_params))
+    meta = checkpoints.Checkpointer(str(tmp_path / "pop"), read_only=True).meta(30)
+    assert meta["diverged"] == {"1": [marker["diverged_at_step"], marker["frozen_at_step"]]}
+    assert meta["good"]  # the frozen member does not taint the others' checkpoints
+    # Member 0 trained on as its single run does.
+    single = shared_tiny_config("constant", steps=30, log_every=5, seed=0, data_seed=0)
+    alone = train.train_and_evaluate(single, str(tmp_path / "single"))
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(alone.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a)[0], b, rtol=1e-5, atol=1e-6)
+    got = [r for r in writers.read_metrics(population.member_dir(str(tmp_path / "pop"), 0))]
+    last = [r for r in got if "beta" in r][-1]
+    assert "diverged" not in last and np.isfinite(last["rec"]) and last["step"] == 30
+    # A resume keeps the member frozen (its step is not applied again).
+    config.num_train_steps = 40
+    resumed = train.train_and_evaluate(config, str(tmp_path / "pop"), allow_config_change=True)
+    meta = checkpoints.Checkpointer(str(tmp_path / "pop"), read_only=True).meta(40)
+    assert meta["diverged"] == {"1": [marker["diverged_at_step"], marker["frozen_at_step"]]}
+    assert_same_params(jax.tree.map(lambda x: np.asarray(x)[1], resumed.params), frozen_params)

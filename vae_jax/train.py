@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import os
 import signal
 import threading
@@ -36,6 +37,7 @@ from vae_jax import (
     checkpoints,
     config_checks,
     distributed,
+    files,
     forward,
     input_pipeline,
     metrics,
@@ -49,6 +51,8 @@ from vae_jax import (
 from vae_jax.tokens import sequence_lengths
 
 AXIS = "devices"  # the pmap axis name, used nowhere else
+# A population's diverged members: in the checkpoints' meta, and a file in members/<k>/.
+DIVERGED, DIVERGED_FILE = "diverged", "diverged.json"
 
 
 class TrainState(train_state.TrainState):
@@ -148,6 +152,7 @@ def train_step(
     lr_fn: schedules.Schedule,
     objective: Callable,
     spike_factor: float = 0.0,
+    frozen: jax.Array | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on a device's shard; call through `jax.pmap` with `AXIS`.
 
@@ -161,6 +166,7 @@ def train_step(
     whose loss or gradient is not finite, and, with ``spike_factor`` > 0 (the loss-spike
     guard, ``config.loss_spike.factor``), a step whose loss exceeds ``spike_factor`` × the
     median of the last applied steps' losses (once half of ``state.loss_history`` is filled).
+    Nor, ever, a step of a ``frozen`` member (a population's member that diverged).
     """
     tokens = batch["tokens"]
     beta = beta_fn(state.step)
@@ -212,7 +218,8 @@ def train_step(
             spike_run=state.spike_run + spike.astype(jnp.int32),
         )
 
-    new_state = jax.lax.cond(finite & ~spike, apply_gradients, skip)
+    applied = finite & ~spike if frozen is None else finite & ~spike & ~frozen
+    new_state = jax.lax.cond(applied, apply_gradients, skip)
     step_metrics = {
         "beta": beta,
         "lr": lr_fn(state.step),
@@ -339,14 +346,19 @@ def make_p_population_step(
     Member k runs with its own β, learning rate, objective and clip norm
     (`member_hyperparameters`); its optimizer is rebuilt inside the step with them, and the
     returned state carries the shared template ``tx`` again, so the state's structure is the
-    same for every member and every step.
+    same for every member and every step. The step's optional third argument, (devices, K)
+    bools, freezes members: their updates are skipped (`train_step`'s ``frozen``).
     """
     if getattr(model, "bn_gamma", 0) > 0:
         model = model.clone(bn_axis_name=AXIS)
     beta_fn, lr_fn, objective, clip = member_hyperparameters(configs, steps_per_epoch)
 
-    def step(states: TrainState, batch: dict[str, jax.Array]):
-        def member_step(state: TrainState, k: jax.Array):
+    def step(states: TrainState, batch: dict[str, jax.Array], frozen: jax.Array | None = None):
+        # frozen: (K,) bools, the members that diverged; their steps are never applied.
+        if frozen is None:
+            frozen = jnp.zeros((len(configs),), bool)
+
+        def member_step(state: TrainState, k: jax.Array, frozen_k: jax.Array):
             tx = make_tx(clip(k), lr_fn(k))
             new_state, step_metrics = train_step(
                 state.replace(tx=tx),
@@ -356,10 +368,11 @@ def make_p_population_step(
                 lr_fn=lr_fn(k),
                 objective=objective(k),
                 spike_factor=spike_factor,
+                frozen=frozen_k,
             )
             return new_state.replace(tx=state.tx), step_metrics
 
-        return jax.vmap(member_step)(states, jnp.arange(len(configs)))
+        return jax.vmap(member_step)(states, jnp.arange(len(configs)), frozen)
 
     if compilations is not None:
         step = _counted(step, compilations, "train_step_compilations")
@@ -614,23 +627,30 @@ def _train_and_evaluate(
         every = config.checkpoint_every_steps
         runs.check_fresh_start(workdir, directories, checkpointer.moved, every, start_over)
     distributed.sync("fresh start")
+    # A population's members that diverged: k -> (first bad step, step frozen at); their
+    # updates are skipped from then on. Saved in the checkpoints' meta, so a resume keeps them.
+    diverged: dict[int, tuple[int, int]] = {}
     if latest is not None:
-        _, state, meta = latest
+        _, state, saved = latest
         start = int(np.max(state.step))
-        logging.info("Resuming %s from step %d (%s).", workdir, start, meta)
+        logging.info("Resuming %s from step %d (%s).", workdir, start, saved)
+        diverged = {int(k): tuple(v) for k, v in saved.get(DIVERGED, {}).items()}
     elif config.init_from:
         fresh = [init_params_from(config, model, s.params) for s in states]
         state = state.replace(params=stack_params(fresh) if is_population else fresh[0])
     if primary:
         runs.save_config(config, workdir)
     bests, metric = [], runs.best_metric(config)
-    for member, directory in zip(members, dirs, strict=True):
+    for k, (member, directory) in enumerate(zip(members, dirs, strict=True)):
         if primary:
             if is_population:
                 os.makedirs(directory, exist_ok=True)
                 runs.save_config(member, directory)
                 runs.bind_data(member, data, directory)
             runs.truncate_metrics(directory, start)
+            stale = os.path.join(directory, DIVERGED_FILE)  # from a divergence after `start`
+            if is_population and k not in diverged and os.path.exists(stale):
+                os.remove(stale)
         bests.append(runs.best_value(directory, metric) if start else float("inf"))
 
     def meta(step: int) -> dict:
@@ -638,16 +658,53 @@ def _train_and_evaluate(
         seed = input_pipeline.data_seed(config)
         return {"step": step, "epoch": epoch, "position": position, "data_seed": seed}
 
+    def live(x) -> np.ndarray:
+        """``x`` without the frozen members' rows: they say nothing of the others' health."""
+        x = np.asarray(x)
+        return np.delete(x, sorted(diverged), axis=0) if is_population else x
+
     def save(step: int, replicated_state, valid_ppl: float | None = None) -> None:
         host_state = jax.device_get(jax_utils.unreplicate(replicated_state))
-        params_finite = all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params))
-        skipping = np.any(host_state.nonfinite_run > 0) or np.any(host_state.spike_run > 0)
+        params = jax.tree.leaves(host_state.params)
+        params_finite = all(np.isfinite(live(x)).all() for x in params)
+        skipping = np.any(live(host_state.nonfinite_run) > 0) or np.any(
+            live(host_state.spike_run) > 0
+        )
         info = {
             **meta(step),
             "params_finite": params_finite,
             "good": bool(params_finite and not skipping),
         }
+        if diverged:
+            info[DIVERGED] = {str(k): list(v) for k, v in sorted(diverged.items())}
         checkpointer.save(step, host_state, info, valid_metric=valid_ppl)
+
+    def frozen_mask():
+        mask = np.zeros(len(members), bool)
+        mask[sorted(diverged)] = True
+        return replicate(jnp.asarray(mask))
+
+    frozen = [frozen_mask()] if is_population else []  # the step's extra argument
+
+    def check(step_metrics, at: int) -> None:
+        """Applies the guards (`_check_nonfinite`): a single run, or a population's last
+        healthy members, stop; a population's other failing members are frozen."""
+        failures = _check_nonfinite(
+            step_metrics, at, config, checkpointer, is_population, skip=diverged
+        )
+        if not failures:
+            return
+        if not is_population or len(diverged) + len(failures) >= len(members):
+            raise failures[0][2]
+        for k, first, error in failures:
+            diverged[k] = (first, at)
+            logging.warning("%s Member %d is frozen from step %d on; the others go on.",
+                            error, k, at)  # fmt: skip
+            if primary:
+                record = {"diverged_at_step": first, "frozen_at_step": at, "reason": str(error)}
+                path = os.path.join(dirs[k], DIVERGED_FILE)
+                files.write_atomic(path, json.dumps(record, indent=1))
+        frozen[0] = frozen_mask()
 
     state = replicate(state)
     traces = collections.Counter()  # pmap traces once per new batch shape, then compiles
@@ -686,13 +743,13 @@ def _train_and_evaluate(
     try:
         with _StopSignals() as stop:
             for step in range(start + 1, num_steps + 1):
-                state, step_metrics = p_train_step(state, next(batches))
+                state, step_metrics = p_train_step(state, next(batches), *frozen)
                 pending.append(step_metrics)
                 for callback in callbacks:
                     callback(step, state)
                 # One step behind, so the host does not wait for the step just dispatched.
                 if len(pending) > 1:
-                    _check_nonfinite(pending[-2], step - 1, config, checkpointer, is_population)
+                    check(pending[-2], step - 1)
                 if step % config.log_every_steps == 0 or step == num_steps:
                     fetched = jax.device_get(pending)
                     seconds = max(time.time() - tick, 1e-9)
@@ -700,10 +757,12 @@ def _train_and_evaluate(
                         views = [member_metrics(m, k) for m in fetched]
                         record = _train_record([jax.tree.map(lambda x: x[0], v) for v in views])
                         record["steps_per_second"] = len(pending) / seconds
+                        if k in diverged:  # frozen: its figures are those of skipped steps
+                            record["diverged"] = 1.0
                         writer.write(step, record)
                         if k == 0 and primary:
                             progress.update(step, record)
-                    _check_nonfinite(fetched[-1], step, config, checkpointer, is_population)
+                    check(fetched[-1], step)
                     pending, tick = [], time.time()
                 epoch_end = bool(steps_per_epoch) and step % steps_per_epoch == 0
                 valid_ppl = None
@@ -743,6 +802,14 @@ def _train_and_evaluate(
         progress.close()
         for writer in writers_:
             writer.close()
+    if diverged:
+        logging.warning(
+            "%s: population members that diverged and were frozen (their last applied "
+            "parameters kept; see members/<k>/%s): %s.",
+            workdir,
+            DIVERGED_FILE,
+            ", ".join(f"{k} at step {a} (frozen at {b})" for k, (a, b) in sorted(diverged.items())),
+        )
     return jax_utils.unreplicate(state)
 
 
@@ -804,15 +871,20 @@ def _counted(fn: Callable, counter: collections.Counter, name: str) -> Callable:
     return wrapper
 
 
-def _check_nonfinite(step_metrics, step: int, config, checkpointer, label: bool = False) -> None:
-    """Stops the run after ``max_nonfinite_steps`` skipped steps in a row (non-finite, or loss
-    spikes), or at the first spike under ``loss_spike.action = "stop"``. In a population
-    (leaves (devices, K)) any member's stops the whole population, whose checkpoint holds them
-    all, and the message names it (``label``). One host transfer of the guard counters."""
+def _check_nonfinite(
+    step_metrics, step: int, config, checkpointer, label: bool = False, skip=()
+) -> list[tuple[int, int, RuntimeError]]:
+    """The guards' verdicts: ``max_nonfinite_steps`` skipped steps in a row (non-finite, or
+    loss spikes), or a spike under ``loss_spike.action = "stop"``, as (member, first bad
+    step, error to raise) for each member (leaves (devices, K) in a population, whose
+    messages name it: ``label``) not in ``skip``. One host transfer of the guard counters."""
     guards = jax.device_get({n: step_metrics[n] for n in ("nonfinite_run", "spike_run", "spike")})
     runs_, spike_runs, spikes = (np.atleast_1d(guards[n][0]) for n in guards)
     stop_at_spike = config.loss_spike.action == "stop"
+    failures = []
     for k, (run, spike_run, spike) in enumerate(zip(runs_, spike_runs, spikes, strict=True)):
+        if k in skip:
+            continue
         if run < config.max_nonfinite_steps and spike_run < config.max_nonfinite_steps:
             if not (stop_at_spike and spike):
                 continue
@@ -821,19 +893,23 @@ def _check_nonfinite(step_metrics, step: int, config, checkpointer, label: bool 
         beta, lr, loss = (float(np.atleast_1d(detail[n][0])[k]) for n in ("beta", "lr", "loss"))
         if run >= config.max_nonfinite_steps:
             last = checkpointer.last_good_step()
-            raise NonFiniteError(
+            error = NonFiniteError(
                 f"{who}{run} consecutive steps with a non-finite loss or gradient, the last at "
                 f"step {step} (beta={beta:.4g}, lr={lr:.4g}); none was applied. "
                 + _last_good(last, checkpointer)
             )
+            failures.append((k, step - int(run) + 1, error))
+            continue
         # The spike shows the damage of the step before it: that state is suspect too.
         last = checkpointer.last_good_step(before=step - 1)
-        raise LossSpikeError(
+        error = LossSpikeError(
             f"{who}Loss spike at step {step}: loss {loss:.4g} > "
             f"config.loss_spike.factor={config.loss_spike.factor:g} x the median of the last "
             f"{config.loss_spike.window} applied steps ({spike_run} such steps in a row, not "
             "applied). " + _last_good(last, checkpointer)
         )
+        failures.append((k, step - int(spike_run) + 1, error))
+    return failures
 
 
 def _last_good(step: int | None, checkpointer) -> str:
