@@ -9,7 +9,9 @@
 Reproduces the comparison of constant β = 1, monotonic (linear ramp 0 → 1 over the first quarter
 of training, 10K of 40K iterations) and cyclical (M = 4 cycles, ramp ratio R = 0.5) schedules.
 The schedules are FieldReferences to ``num_train_steps``: ``--config.num_train_steps=N`` shortens
-the run and the schedules shrink with it.
+the run and the schedules shrink with it; ``--config.beta_schedule.total_steps=M`` (or
+``warmup_steps``) sets the schedule alone, whatever the flags' order. ``vae_jax.main`` logs
+which fields follow which.
 
 The paper does not publish its generator; the choices made here:
 - Data: 10 distinct sequences of 10 word tokens, drawn uniformly from a 100-word vocabulary (plus
@@ -131,7 +133,10 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
         config.beta_schedule = ml_collections.ConfigDict(
             {
                 "name": "cyclical",
-                "total_steps": steps,
+                # A derived reference (steps * 1), not `steps` itself: an override of
+                # total_steps alone then leaves num_train_steps (one shared reference would
+                # set both), and num_train_steps still carries the cycle along.
+                "total_steps": steps * 1,
                 "num_cycles": 4,
                 "ratio": 0.5,
                 "start": 0.0,

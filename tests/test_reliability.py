@@ -657,3 +657,64 @@ def test_a_diverging_population_member_is_frozen_and_the_others_go_on(tmp_path):
     meta = checkpoints.Checkpointer(str(tmp_path / "pop"), read_only=True).meta(40)
     assert meta["diverged"] == {"1": [marker["diverged_at_step"], marker["frozen_at_step"]]}
     assert_same_params(jax.tree.map(lambda x: np.asarray(x)[1], resumed.params), frozen_params)
+
+
+def parsed_config(*overrides, variant="cyclical"):
+    """configs/synthetic.py:<variant> with ``--config.<field>=…`` overrides, as main parses
+    them (config_flags reads the overrides from the argv it is given)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["main", f"--config=configs/synthetic.py:{variant}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        fv(argv)
+    finally:
+        os.chdir(cwd)
+    config_checks.check_reference_overrides(
+        fv.config, config_flags.get_override_values(fv["config"])
+    )
+    return fv.config
+
+
+@pytest.mark.parametrize(
+    "overrides, steps, cycle",
+    [
+        # Before: a 200-step run trained 100,000 (the cycle's override set the run's length).
+        (
+            ["--config.num_train_steps=200", "--config.beta_schedule.total_steps=100000"],
+            200,
+            100000,
+        ),
+        # Before: both 200 (the cycle's length dropped).
+        (["--config.beta_schedule.total_steps=100", "--config.num_train_steps=200"], 200, 100),
+        (["--config.beta_schedule.total_steps=100"], 40000, 100),
+        (["--config.num_train_steps=200"], 200, 200),  # the cycle follows the run's length
+    ],
+)
+def test_a_reference_field_overridden_alone_does_what_the_flags_say(overrides, steps, cycle):
+    config = parsed_config(*overrides)
+    assert (config.num_train_steps, config.beta_schedule.total_steps) == (steps, cycle)
+
+
+def test_reference_fields_are_named():
+    followers = config_checks.references(parsed_config())
+    assert followers["beta_schedule.total_steps"].startswith("num_train_steps")
+    followers = config_checks.references(parsed_config(variant="monotonic"))
+    assert followers == {"beta_schedule.warmup_steps": "num_train_steps (floordiv [4])"}
+
+
+def test_fields_sharing_one_reference_cannot_be_set_apart():
+    import ml_collections
+
+    config = ml_collections.ConfigDict({"steps": 10, "schedule": {"total": 0}})
+    config.schedule.total = config.get_ref("steps")
+    assert config_checks.references(config) == {"schedule.total": "steps"}
+    with pytest.raises(ValueError, match=r"--config.schedule.total: config.schedule.total and"):
+        config_checks.check_reference_overrides(config, {"schedule.total": 5})
+    config_checks.check_reference_overrides(config, {"schedule.total": 5, "steps": 5})
+    with pytest.raises(ValueError, match=r"one reference in the config file"):
+        config_checks.check_reference_overrides(config, {"schedule.total": 5, "steps": 6})

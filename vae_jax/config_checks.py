@@ -231,3 +231,64 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     _check_splits(d, sorted(text.get_spec(d.name).splits))
     input_pipeline.check_buckets(d.bucket_lengths, 0)
     text.check_source_dir(d.name, input_pipeline.data_root(config))
+
+
+# --- Fields that are references ------------------------------------------------------------
+
+
+def _reference_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list:
+    """(path, FieldReference) of every field of ``config`` held as a reference."""
+    found = []
+    for key, value in config._fields.items():  # noqa: SLF001  (the references themselves)
+        if isinstance(value, ml_collections.ConfigDict):
+            found += _reference_fields(value, f"{prefix}{key}.")
+        elif isinstance(value, ml_collections.FieldReference):
+            found.append((f"{prefix}{key}", value))
+    return found
+
+
+def _root(ref: ml_collections.FieldReference) -> ml_collections.FieldReference:
+    while isinstance(ref._value, ml_collections.FieldReference):  # noqa: SLF001
+        ref = ref._value  # noqa: SLF001  (a derived reference: its parent)
+    return ref
+
+
+def references(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{field: what it follows}`` for the fields whose value is another field's (an
+    ml_collections reference, e.g. ``beta_schedule.total_steps`` following
+    ``num_train_steps``): the owner is the shallowest field holding the reference itself."""
+    fields = _reference_fields(config)
+    owners: dict[int, str] = {}
+    for path, ref in sorted(fields, key=lambda f: (f[0].count("."), f[0])):
+        if ref is _root(ref):
+            owners.setdefault(id(ref), path)
+    out = {}
+    for path, ref in fields:
+        owner = owners.get(id(_root(ref)))
+        if owner is None or owner == path:
+            continue
+        ops = " ".join(f"{op.fn.__name__} {op.args}" for op in ref._ops)  # noqa: SLF001
+        out[path] = owner + (f" ({ops})" if ops else "")
+    return out
+
+
+def check_reference_overrides(
+    config: ml_collections.ConfigDict, overridden: dict[str, object]
+) -> None:
+    """Refuses ``--config.<field>`` overrides that cannot do what they say: a field holding
+    the very reference another field holds (setting either sets both; a derived one, e.g.
+    ``num_train_steps // 4``, is detached by its override and is fine)."""
+    groups: dict[int, list[str]] = {}
+    for path, ref in _reference_fields(config):
+        groups.setdefault(id(ref), []).append(path)
+    for paths in groups.values():
+        if len(paths) < 2:
+            continue
+        set_ = [p for p in sorted(paths) if p in overridden]
+        values = {repr(overridden[p]) for p in set_}
+        if set_ and (len(set_) < len(paths) or len(values) > 1):
+            raise ValueError(
+                f"--config.{set_[0]}: config.{' and config.'.join(sorted(paths))} are one "
+                "reference in the config file, so setting one sets the others; set them all "
+                "to one value, or make the config file derive one from the other."
+            )

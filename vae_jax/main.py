@@ -17,7 +17,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vae_jax import cli, distributed, train  # noqa: E402
+from vae_jax import cli, config_checks, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
@@ -52,7 +52,16 @@ def run(fv: flags.FlagValues) -> None:
     distributed.initialize(
         fv.coordinator_address, fv.num_processes, fv.process_id, auto=fv.distributed == "auto"
     )
+    config_checks.check_reference_overrides(
+        fv.config, config_flags.get_override_values(fv["config"])
+    )
     logging.info("Config:\n%s", fv.config)
+    followers = config_checks.references(fv.config)
+    if followers:  # an override of a follower detaches it; of its owner, carries it along
+        logging.info(
+            "Fields that follow another (unless set themselves): %s",
+            ", ".join(f"{k} <- {v}" for k, v in sorted(followers.items())),
+        )
     train.train_and_evaluate(
         fv.config,
         fv.workdir,
