@@ -1,5 +1,6 @@
 """Checkpoints and exact resumption, SIGTERM, the NaN guard, and config validation."""
 
+import contextlib
 import json
 import os
 import signal
@@ -718,3 +719,103 @@ def test_fields_sharing_one_reference_cannot_be_set_apart():
     config_checks.check_reference_overrides(config, {"schedule.total": 5, "steps": 5})
     with pytest.raises(ValueError, match=r"one reference in the config file"):
         config_checks.check_reference_overrides(config, {"schedule.total": 5, "steps": 6})
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """``directory`` made read-only for this process: its modes where that binds (not root),
+    else a read-only bind mount of it over itself (root, as in some CI containers)."""
+    directory = str(directory)
+    if os.geteuid() != 0:
+        modes = {}
+        for root, _, names in os.walk(directory):
+            for path in [root] + [os.path.join(root, n) for n in names]:
+                modes[path] = os.stat(path).st_mode
+                os.chmod(path, modes[path] & ~0o222)
+        try:
+            yield
+        finally:
+            for path, mode in modes.items():
+                os.chmod(path, mode)
+        return
+    bind = ["mount", "--bind", directory, directory]
+    if subprocess.run(bind, capture_output=True).returncode != 0:
+        pytest.skip("root, and no bind mount here to make a directory read-only")
+    try:
+        remount = ["mount", "-o", "remount,ro,bind", directory]
+        if subprocess.run(remount, capture_output=True).returncode != 0:
+            pytest.skip("root, and no read-only remount here")
+        yield
+    finally:
+        subprocess.run(["umount", directory], check=True)
+
+
+def test_evaluate_checks_where_it_writes_before_computing(tmp_path, monkeypatch):
+    """Before: a read-only workdir lost the whole evaluation at its last step (the JSON
+    write); there was no --out."""
+    from vae_jax import evaluate, files
+
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(shared_tiny_config("constant", steps=10), str(workdir))
+
+    def computed(*args, **kwargs):
+        raise AssertionError("evaluated before checking where the results go")
+
+    monkeypatch.setattr(evaluate, "evaluate_split", computed)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "results"
+    with pytest.raises(files.NotWritableError, match=rf"--out={out}: cannot write in"):
+        evaluate.main([f"--workdir={workdir}", f"--out={out}"])
+    with read_only(workdir):
+        with pytest.raises(files.NotWritableError, match=r"--workdir=.*pass --out=.*Read-only"):
+            evaluate.main([f"--workdir={workdir}"])
+    monkeypatch.undo()
+    flags = ["--num_importance_samples=2", "--num_prior_samples=50"]
+    with read_only(workdir):
+        evaluate.main([f"--workdir={workdir}", f"--out={tmp_path / 'out'}", *flags])
+    assert json.loads((tmp_path / "out" / "eval_eval.json").read_text())["split"] == "eval"
+
+
+def test_a_read_only_tfds_cache_holding_a_complete_build_is_read(tmp_path):
+    """Before: PermissionError (or EROFS) opening the build's lock file for writing."""
+    from vae_jax import input_pipeline
+
+    config = tiny_ptb_config(tmp_path)
+    built = input_pipeline.get_data(config)
+    with read_only(tmp_path / "tfds"):
+        again = input_pipeline.get_data(config)
+        assert again.info["fingerprint"] == built.info["fingerprint"]
+        source = tmp_path / "ptb" / "ptb.train.txt"
+        source.write_text(source.read_text() + "a new sentence\n")  # another build needed
+        with pytest.raises(ValueError, match=r"ptb: no complete build .* cache is read-only"):
+            input_pipeline.get_data(config)
+
+
+def test_files_a_run_writes_are_never_written_through_a_link(tmp_path):
+    """Before: a `lock`, `metrics.jsonl` or `eval_*.json` that was a symbolic link truncated
+    or overwrote its target."""
+    from vae_jax import files
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    os.symlink(target, workdir / "lock")
+    with pytest.raises(ValueError, match=r"run/lock is a symbolic link"):
+        train.train_and_evaluate(shared_tiny_config("constant", steps=5), str(workdir))
+    os.remove(workdir / "lock")
+    os.symlink(target, workdir / "metrics.jsonl")  # replaced by the run's own file
+    train.train_and_evaluate(shared_tiny_config("constant", steps=5), str(workdir))
+    assert target.read_text() == "keep me\n" and not os.path.islink(workdir / "metrics.jsonl")
+    with pytest.raises(ValueError, match=r"metrics.jsonl is a symbolic link"):
+        os.remove(workdir / "metrics.jsonl")
+        os.symlink(target, workdir / "metrics.jsonl")
+        writers.MetricWriter(str(workdir), tensorboard=False)
+    assert target.read_text() == "keep me\n"
+    os.symlink(target, workdir / "eval_test.json")
+    files.write_atomic(str(workdir / "eval_test.json"), "{}")  # how eval_*.json is written
+    assert target.read_text() == "keep me\n" and not os.path.islink(workdir / "eval_test.json")
+    os.symlink(target, f"{workdir / 'config.json'}.tmp-{os.getpid()}")  # a planted temporary
+    with pytest.raises(OSError):
+        files.write_atomic(str(workdir / "config.json"), "{}")
+    assert target.read_text() == "keep me\n"

@@ -53,6 +53,7 @@ from vae_jax import (  # noqa: E402
     cli,
     cvae,
     dialog_metrics,
+    files,
     input_pipeline,
     metrics,
     models,
@@ -278,6 +279,11 @@ def define_flags(fv: flags.FlagValues) -> None:
         flag_values=fv,
     )  # fmt: skip
     flags.DEFINE_string(
+        "out", "", "Directory for eval_<split>.json (and a dialog run's samples_<split>.txt); "
+        "default: the run's directory. Checked for writing before anything is computed.",
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_string(
         "word_vectors", "", "Dialog: GloVe-format word vectors for A-bow/E-bow (the official "
         "code used glove.twitter.27B.200d.txt); '': skipped.", flag_values=fv,
     )  # fmt: skip
@@ -290,9 +296,13 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     )
     run_dir = info["run_dir"]  # a population's member: WORKDIR/members/<k>
     split = runs.choose_split(data, fv.split)
+    # Before the evaluation (minutes to hours), not after it: where its results will go.
+    out = fv.out or run_dir
+    what = f"--out={fv.out}" if fv.out else f"--workdir={fv.workdir} (pass --out=<a directory>)"
+    files.check_writable(out, what)
     _log(f"Evaluating {run_dir} (checkpoint {info['checkpoint']}: {info}) on {split}.")
     if isinstance(model, cvae.CVAE):
-        return _run_dialog(fv, config, data, model, params, info, split)
+        return _run_dialog(fv, config, data, model, params, info, split, out)
     evaluate = functools.partial(
         evaluate_split,
         params=params,
@@ -329,14 +339,13 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         f"sentences, {results['predicted_tokens']} predicted tokens; per sentence, in nats"
     )
     print(format_table(results))
-    path = runs.eval_results_path(run_dir, split)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    path = runs.eval_results_path(out, split)
+    files.write_atomic(path, json.dumps(results, indent=1))  # replaces a link, never follows
     _log(f"Wrote {path}")
     return results
 
 
-def _run_dialog(fv, config, data, model, params, info, split) -> dict[str, Any]:
+def _run_dialog(fv, config, data, model, params, info, split, out) -> dict[str, Any]:
     vectors = None
     if fv.word_vectors:
         vectors = dialog_metrics.load_word_vectors(fv.word_vectors, set(data.info["vocab"].words))
@@ -358,13 +367,11 @@ def _run_dialog(fv, config, data, model, params, info, split) -> dict[str, Any]:
     )
     print(format_dialog_table(results))
     vocab = data.info["vocab"]
-    samples_path = os.path.join(run_dir, f"samples_{split}.txt")
-    with open(samples_path, "w", encoding="utf-8") as f:
-        for r in sampled:
-            f.write(f"row {r['row']}\n{responses.format_result(r, vocab)}\n\n")
-    path = runs.eval_results_path(run_dir, split)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    samples_path = os.path.join(out, f"samples_{split}.txt")
+    text = "".join(f"row {r['row']}\n{responses.format_result(r, vocab)}\n\n" for r in sampled)
+    files.write_atomic(samples_path, text)
+    path = runs.eval_results_path(out, split)
+    files.write_atomic(path, json.dumps(results, indent=1))
     _log(f"Wrote {path} and {samples_path}")
     return results
 

@@ -285,7 +285,13 @@ class WorkdirLock:
 
     def __enter__(self) -> WorkdirLock:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")  # held until __exit__
+        try:  # held until __exit__; a link planted there is refused, not followed
+            f = files.open_nofollow(self.path, "a+")
+        except OSError as e:  # a read-only workdir: one line, not a traceback
+            raise files.NotWritableError(
+                f"{self.path}: cannot open the workdir's lock for writing ({e.strerror or e}); "
+                "a run needs a writable --workdir."
+            ) from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 
 from absl import logging
 
+from vae_jax import files
+
 
 class MetricWriter:
     """Appends one JSON object per logged step to ``workdir/metrics.jsonl`` and mirrors the
@@ -20,7 +22,7 @@ class MetricWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         # Line-buffered: every record reaches the OS when written, so a killed run loses none
         # of the records its last checkpoint covers.
-        self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+        self._file = files.open_nofollow(self.path, "a", buffering=1)  # never through a link
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter

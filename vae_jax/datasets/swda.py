@@ -1078,7 +1078,7 @@ def load(
     def make_builder() -> VaeSwda:
         return VaeSwda(config=config, data_dir=os.fspath(tfds_dir), file_format="array_record")
 
-    with text._build_lock(tfds_dir, config.name):
+    with text._build_lock(tfds_dir, config.name) as writable:
         builder, _ = text._ensure_prepared(
             make_builder,
             fingerprint,
@@ -1086,6 +1086,7 @@ def load(
             manual_dir=sources.raw_dir,
             source_desc=sources.describe(),
             count_key="dialogs",
+            writable=writable,
         )
         dataset = _open(builder)
     logger.warning(

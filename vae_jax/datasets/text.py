@@ -53,6 +53,7 @@ record counts, and rebuilds (with a warning naming the directory) a build that w
 import collections
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -831,19 +832,38 @@ def load(
     fingerprint = _current_fingerprint(spec, layout, max_length)
 
     config = _make_config(corpus, max_length, fingerprint_id(fingerprint))
-    with _build_lock(tfds_dir, config.name):
-        return _build_or_open(spec, config, layout, fingerprint, source_dir, tfds_dir, max_length)
+    with _build_lock(tfds_dir, config.name) as writable:
+        return _build_or_open(
+            spec, config, layout, fingerprint, source_dir, tfds_dir, max_length, writable
+        )
 
 
 @contextlib.contextmanager
-def _build_lock(tfds_dir: str | os.PathLike, name: str) -> Iterator[None]:
+def _build_lock(tfds_dir: str | os.PathLike, name: str) -> Iterator[bool]:
     """Holds ``<tfds_dir>/<name>.lock`` (``flock``, released however the holder exits):
     processes loading the same build at once (a sweep's parallel jobs) take turns, the first
-    builds it, the others then find it prepared."""
+    builds it, the others then find it prepared. Yields whether the cache is writable: a
+    read-only one (a shared, finished cache) is only read, under a shared lock where its lock
+    file exists (`_ensure_prepared` then refuses to build)."""
     os.makedirs(tfds_dir, exist_ok=True)
-    with open(os.path.join(os.fspath(tfds_dir), f"{name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    path = os.path.join(os.fspath(tfds_dir), f"{name}.lock")
+    try:
+        lock = open(path, "a")  # noqa: SIM115  (closed below)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        lock, writable = None, False
+        with contextlib.suppress(OSError):
+            lock = open(path)  # noqa: SIM115
+    else:
+        writable = True
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX if writable else fcntl.LOCK_SH)
+        yield writable
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def _ensure_prepared(
@@ -854,6 +874,7 @@ def _ensure_prepared(
     manual_dir: str | os.PathLike,
     source_desc: str,
     count_key: str = "sentences",
+    writable: bool = True,
 ) -> tuple[tfds.core.DatasetBuilder, bool]:
     """Makes sure the build of ``make_builder()`` exists, is of ``fingerprint`` and is
     undamaged, (re)building it otherwise; call it holding :func:`_build_lock`.
@@ -861,6 +882,7 @@ def _ensure_prepared(
     Returns the builder (a fresh one after a build, reading back exactly what was written, as
     a later load would) and whether it was built now. ``name`` and ``source_desc`` only word
     the messages; ``count_key`` is the per-split record count in ``metadata["stats"]``.
+    In a read-only cache (``writable`` False) a build that would be (re)built is an error.
     """
     builder = make_builder()
     # Checking existence first: is_prepared() logs a warning for a folder that is not there.
@@ -875,6 +897,11 @@ def _ensure_prepared(
         prepared = False
     if prepared:
         damage = _damage(builder, count_key)
+        if damage and not writable:
+            raise ValueError(
+                f"{name}: the build at {builder.data_dir} is damaged ({damage}) and its cache "
+                "is read-only; point config.data.tfds_dir at a writable one to rebuild it."
+            )
         if damage:
             logger.warning(
                 "%s: the build at %s is damaged (%s); rebuilding it",
@@ -886,6 +913,11 @@ def _ensure_prepared(
             builder, exists, prepared = make_builder(), False, False
     if prepared:
         return builder, False
+    if not writable:
+        raise ValueError(
+            f"{name}: no complete build of these sources at {builder.data_dir}, and the cache "
+            "is read-only; point config.data.tfds_dir at a writable one to build it."
+        )
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     if exists:
         mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # deletes, then regenerates
@@ -912,6 +944,7 @@ def _build_or_open(
     source_dir: str | os.PathLike,
     tfds_dir: str | os.PathLike,
     max_length: int,
+    writable: bool = True,
 ) -> TextDataset:
     """`load` once it holds the build's lock."""
 
@@ -924,6 +957,7 @@ def _build_or_open(
         name=spec.name,
         manual_dir=layout.source_dir,
         source_desc=os.fspath(source_dir),
+        writable=writable,
     )
     dataset = _open(builder, spec)
     if not built:  # a build logs its deviations while preparing
