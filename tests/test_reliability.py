@@ -819,3 +819,19 @@ def test_files_a_run_writes_are_never_written_through_a_link(tmp_path):
     with pytest.raises(OSError):
         files.write_atomic(str(workdir / "config.json"), "{}")
     assert target.read_text() == "keep me\n"
+
+
+def test_an_unusable_workdir_is_one_line_naming_it(tmp_path):
+    """Before: a read-only workdir's lock, or a run name over 255 bytes, was an OSError
+    traceback (exit status 1) rather than the promised line."""
+    from vae_jax import files
+
+    config = shared_tiny_config("constant", steps=5)
+    long_name = tmp_path / ("x" * 256)
+    with pytest.raises(files.NotWritableError, match=r"--workdir=.*xxx: cannot create it"):
+        train.train_and_evaluate(config, str(long_name))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with read_only(workdir):
+        with pytest.raises(files.NotWritableError, match=r"run/lock: cannot open the workdir's"):
+            train.train_and_evaluate(config, str(workdir))

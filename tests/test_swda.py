@@ -93,6 +93,24 @@ def test_missing_sources_are_named(tmp_path: Path) -> None:
     assert swda.source_dirs("/data") == (Path("/data/swda"), Path("/data/swda_raw"))
 
 
+def test_bad_bytes_and_malformed_utts_name_the_file_and_line(tmp_path: Path) -> None:
+    """Before: a codec error or an IndexError, without the file."""
+    good = ["A", "yes", ["statement-non-opinion", [0.0, 1.0, 0.0, 0.0]]]
+    dialog = {"A": {}, "B": {}, "topic": "MUSIC", "utts": [good]}
+    path = tmp_path / "valid.jsonl"
+    data = (json.dumps(dialog) + "\n").encode() + b'{"A": {}, "topic": "caf\xe9"}\n'
+    with pytest.raises(ValueError, match=r"valid.jsonl: line 2: byte b'\\xe9' .* not UTF-8"):
+        swda._read_jsonl(path, data)
+    for bad in (["A", "yes"], ["A", "yes", []], "A: yes"):
+        data = (json.dumps(dialog) + "\n" + json.dumps({**dialog, "utts": [good, bad]})).encode()
+        with pytest.raises(ValueError, match=r"valid.jsonl: line 2: utts\[1\]=.* is not \[speaker"):
+            swda._read_jsonl(path, data)
+    utt = tmp_path / "sw_0001_4325.utt"
+    utt.write_bytes(b"FILENAME: 4325_1632_1519\nTOPIC#: 323\nDATE: 920323\n\xff\n====\n")
+    with pytest.raises(ValueError, match=r"sw_0001_4325.utt: line 4: byte b'\\xff'"):
+        swda.read_utt(utt)
+
+
 # ----------------------------------------------------------------------------- the corpus
 
 

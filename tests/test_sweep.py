@@ -114,3 +114,35 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
     stamps = {run: os.stat(eval_file(run)).st_mtime_ns for run in runs}
     assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"])
     assert {run: os.stat(eval_file(run)).st_mtime_ns for run in runs} == stamps
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            "def get_sweep():\n    runs = [{'config': 'c.py:x'}]\n",
+            r"get_sweep\(\) returned NoneType",
+        ),
+        (
+            "def get_sweep():\n    return [{'config': 'c.py:x'}][3]\n",
+            r"s.py:2 raised IndexError in",
+        ),
+        ("import nowhere_to_be_found\n", r"s.py:1 raised ModuleNotFoundError loading it"),
+        ("def get_sweep(:\n", r"s.py:1 raised SyntaxError loading it"),
+    ],
+)
+def test_a_broken_sweep_file_is_one_line_naming_it(tmp_path, body, message):
+    """Before: a TypeError ('NoneType' is not iterable) or the file's own traceback."""
+    (tmp_path / "s.py").write_text(body)
+    with pytest.raises(ValueError, match=message):
+        sweep.load_sweep(str(tmp_path / "s.py"))
+
+
+def test_a_run_name_too_long_for_a_file_name_is_refused_by_the_dry_run(tmp_path, capsys):
+    """Before: --dry_run passed, then the run crashed with OSError (File name too long)."""
+    (tmp_path / "s.py").write_text(
+        "def get_sweep():\n"
+        "    return [{'config': 'c.py:x', 'init_from': f'runs/{c}' * 40} for c in 'ab']\n"
+    )
+    with pytest.raises(ValueError, match=r"run name c-x.init_from-runs_a.*is 2\d\d bytes"):
+        sweep.main([f"--sweep={tmp_path / 's.py'}", f"--workdir={tmp_path}", "--dry_run"])

@@ -34,6 +34,7 @@ takes just the jobs of the runs so named; ``--dry_run`` prints the plan and each
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -45,7 +46,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import app, flags
@@ -155,10 +157,18 @@ def load_sweep(spec_string: str) -> list[Run]:
         raise FileNotFoundError(f"--sweep={spec_string}: no such file {path}.")
     spec = importlib.util.spec_from_file_location("vae_jax_sweep_file", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with _named_errors(spec_string, path, "loading it"):
+        spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"--sweep={spec_string}: {path} defines no get_sweep().")
-    runs = list(module.get_sweep(arg) if arg else module.get_sweep())
+    with _named_errors(spec_string, path, "in get_sweep()"):
+        runs = module.get_sweep(arg) if arg else module.get_sweep()
+    if not isinstance(runs, (list, tuple)):
+        raise ValueError(
+            f"--sweep={spec_string}: get_sweep() returned {type(runs).__name__}, not a list of "
+            "runs (a missing return?)."
+        )
+    runs = list(runs)
     if not runs or not all(isinstance(r, dict) and "config" in r for r in runs):
         raise ValueError(
             f"--sweep={spec_string}: get_sweep() must return dicts, each with 'config'."
@@ -170,6 +180,37 @@ def load_sweep(spec_string: str) -> list[Run]:
     return runs
 
 
+@contextlib.contextmanager
+def _named_errors(spec_string: str, path: str, when: str) -> Iterator[None]:
+    """Turns an exception raised by a sweep file into one line naming it and its line."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (any error of user code)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else None
+        line = line or (frames[-1].lineno if frames else None)
+        where = f"{path}:{line}" if line else path
+        raise ValueError(
+            f"--sweep={spec_string}: {where} raised {type(e).__name__} {when}: {e}"
+        ) from e
+
+
+# A run's directory and its logs (``<name>.evaluate.log``, the longest) are one path component.
+NAME_MAX = 255
+_LONGEST_SUFFIX = ".evaluate.log"
+
+
+def _check_names(jobs: Sequence[Job]) -> None:
+    for name in sorted({n for j in jobs for n in (j.name, *j.members)}):
+        size = len((name + _LONGEST_SUFFIX).encode())
+        if size > NAME_MAX:
+            raise ValueError(
+                f"run name {name[:60]}… is {len(name.encode())} bytes; with its log's suffix "
+                f"{_LONGEST_SUFFIX!r} a file name takes at most {NAME_MAX}: shorten the "
+                "sweep's values (string values go into the name)."
+            )
+
+
 def plan(runs: Sequence[Run], pack: bool = True, only: Sequence[str] = ()) -> list[Job]:
     """The jobs that train ``runs``: runs equal but for consecutive seeds become one population
     when ``pack``; every other run is a job of its own. Order follows the sweep's; when
@@ -177,6 +218,7 @@ def plan(runs: Sequence[Run], pack: bool = True, only: Sequence[str] = ()) -> li
     ``only``: glob patterns; just the jobs with a run whose name matches one (the plan is the
     whole sweep's, so every job keeps its directory and its members whatever is selected)."""
     jobs = _plan(runs, pack)
+    _check_names(jobs)  # before --dry_run says all is well
     if not only:
         return jobs
     chosen = [j for j in jobs if any(fnmatch.fnmatchcase(m, p) for m in j.members for p in only)]

@@ -574,7 +574,12 @@ def train_and_evaluate(
     """
     num_devices = jax.local_device_count()
     config_checks.check_config(config, jax.device_count())  # all processes' devices
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:  # a name too long, a read-only parent: one line naming it
+        raise files.NotWritableError(
+            f"--workdir={workdir}: cannot create it ({e.strerror or e})"
+        ) from None
     # A second run on this workdir stops here; a multi-process run's primary holds the lock.
     lock = runs.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext()
     with lock:

@@ -175,7 +175,7 @@ def read_utt(path: str | os.PathLike) -> UttFile:
     name_match = _NAME_RE.match(path.name)
     if not name_match:
         raise ValueError(f"{path}: not a SwDA file name (sw_NNNN_<conversation>.utt)")
-    data = path.read_bytes().decode("utf-8").replace("\r", "")
+    data = _decode(path, path.read_bytes()).replace("\r", "")
     separator = _SEPARATOR_RE.search(data)
     if not separator:
         raise ValueError(f"{path}: no '=====' line between the header and the utterances")
@@ -698,17 +698,49 @@ def _fingerprint(max_vocab: int, digests: Mapping[str, str]) -> dict:
     )
 
 
+def _decode(path: Path, data: bytes) -> str:
+    """``data`` as UTF-8; a bad byte is a `ValueError` naming the file, line and byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(
+            f"{path}: line {line}: byte {data[e.start : e.start + 1]!r} at offset {e.start} is "
+            f"not UTF-8 ({e.reason})"
+        ) from None
+
+
+def _is_utt(u: Any) -> bool:
+    """``[speaker, text, [act, …]]``, as the NeuralDialog-CVAE jsonl holds an utterance."""
+    return (
+        isinstance(u, list)
+        and len(u) >= 3
+        and isinstance(u[0], str)
+        and isinstance(u[1], str)
+        and isinstance(u[2], list)
+        and len(u[2]) >= 1
+        and (u[2][0] is None or isinstance(u[2][0], str))
+    )
+
+
 def _read_jsonl(path: Path, data: bytes) -> list[dict]:
     dialogs = []
-    for lineno, line in enumerate(data.decode("utf-8").split("\n"), start=1):
+    for lineno, line in enumerate(_decode(path, data).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             d = json.loads(line)
             for key in ("A", "B", "topic", "utts"):
                 d[key]  # noqa: B018  (presence check)
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: line {lineno} is not a jsonl dialog ({e})") from None
+        if not isinstance(d["utts"], list):
+            raise ValueError(f"{path}: line {lineno}: utts is not a list")
+        for i, u in enumerate(d["utts"]):
+            if not _is_utt(u):
+                raise ValueError(
+                    f"{path}: line {lineno}: utts[{i}]={u!r:.80} is not [speaker, text, [act, …]]"
+                )
         dialogs.append(d)
     if not dialogs:
         raise ValueError(f"{path}: no dialogs")
