@@ -96,6 +96,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.checkpoint_keep_period = 20_000
     # Consecutive steps with a non-finite loss or gradient (skipped) before giving up.
     config.max_nonfinite_steps = 10
+    # Several processes: seconds without progress (a step or an evaluation batch) before a
+    # process ends the run rather than wait forever in a collective for another (0: never).
+    config.collective_timeout_s = 1800.0
     # Loss-spike guard (off at factor 0): a step whose loss exceeds factor x the median of the
     # last `window` applied steps' losses is not applied; action "skip" goes on (and stops
     # after max_nonfinite_steps such steps in a row), "stop" ends the run at once.

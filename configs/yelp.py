@@ -75,6 +75,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     # classifier can read the features of every cycle (`experiments/yelp_classify.py`).
     config.checkpoint_keep_every_epochs = 10
     config.max_nonfinite_steps = 10
+    # Several processes: seconds without progress (a step or an evaluation batch) before a
+    # process ends the run rather than wait forever in a collective for another (0: never).
+    config.collective_timeout_s = 1800.0
     config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
 
     config.data = ml_collections.ConfigDict()

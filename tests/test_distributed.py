@@ -93,3 +93,43 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
 def test_process_rows_are_the_devices_rows():
     batch = {"tokens": np.arange(8)[:, None]}
     assert distributed.process_rows(batch) is batch  # one process: everything
+
+
+def test_processes_that_disagree_are_refused_not_left_hanging(tmp_path):
+    """Before: 200 against 400 steps, both processes hung with no message."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _command(
+                tmp_path / "run",
+                f"--config.num_train_steps={steps}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            cwd=REPO,
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i, steps in enumerate((200, 400))
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 2, err[-3000:]
+        assert "disagree on its config (process 0 vs process 1): " in err
+        assert "num_train_steps: 200 vs 400" in err
+
+
+def test_the_watchdog_ends_a_process_that_waits_too_long():
+    import threading
+    import time
+
+    fired = threading.Event()
+    with distributed.Watchdog(0.2, on_timeout=lambda message: fired.set()) as dog:
+        for _ in range(4):  # progress keeps it quiet
+            time.sleep(0.1)
+            dog.progress()
+        assert not fired.is_set()
+        assert fired.wait(timeout=5)  # then no progress: it fires

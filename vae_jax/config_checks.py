@@ -54,6 +54,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for field in ("checkpoint_every_steps", "checkpoints_to_keep", "max_nonfinite_steps"):
         if field in config:
             _positive_int(config, field)
+    bound = config.get("collective_timeout_s", 0.0)
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 0:
+        _fail("collective_timeout_s", bound, "must be a number of seconds >= 0 (0: no bound)")
     period = config.checkpoint_keep_period
     if isinstance(period, bool) or not isinstance(period, int) or period < 0:
         _fail("checkpoint_keep_period", period, "must be an integer >= 0 (0: none kept)")

@@ -13,8 +13,18 @@ holds the workdir lock. A run resumes on the same number of processes and device
 
 from __future__ import annotations
 
+import faulthandler
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 
@@ -65,3 +75,92 @@ def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
     index = np.concatenate([np.arange(i * rows, (i + 1) * rows) for i in mine])
     return {k: v[index] for k, v in batch.items()}
+
+
+def agree(what: str, record: Mapping[str, Any]) -> None:
+    """Refuses to go on unless every process passes the same ``record`` (flat: field ->
+    value): a `ValueError` in every process naming the fields that differ from process 0's,
+    rather than processes that train different runs and wait for each other forever. One
+    exchange through the runtime's all-gather; nothing for a single process."""
+    if jax.process_count() == 1:
+        return
+    data = json.dumps(dict(record), sort_keys=True, default=repr).encode()
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32)))
+    buffer = np.zeros(int(lengths.max()), np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(buffer))
+    records = [
+        json.loads(bytes(row[: int(n)])) for row, n in zip(everyone, lengths.ravel(), strict=True)
+    ]
+    first = records[0]
+    for index, other in enumerate(records[1:], start=1):
+        keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if keys:
+            diff = "; ".join(
+                f"{k}: {first.get(k, '<absent>')!r} vs {other.get(k, '<absent>')!r}"
+                for k in keys[:8]
+            )
+            raise ValueError(
+                f"The processes of this run disagree on its {what} (process 0 vs process "
+                f"{index}): {diff}. Start every process with the same command and data."
+            )
+
+
+_active: Watchdog | None = None  # the one `progress` reports to
+
+
+def progress() -> None:
+    """Tells the active `Watchdog`, if any, that this process is making progress."""
+    if _active is not None:
+        _active.progress()
+
+
+class Watchdog:
+    """Ends a multi-process run whose processes stop making progress: if `progress` is not
+    called for ``bound`` seconds (a collective waiting for a process that has died, hangs or
+    runs another program), prints every thread's stack and calls ``on_timeout`` (default:
+    exit the process with status 3), instead of waiting forever."""
+
+    def __init__(self, bound: float, on_timeout: Callable[[str], None] | None = None):
+        self.bound = float(bound)
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._on_timeout = on_timeout or _exit_now
+        self._thread = None
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def __enter__(self) -> Watchdog:
+        global _active
+        _active = self
+        if self.bound > 0:
+            self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _active
+        _active = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(self.bound / 4, 10.0)):
+            idle = time.monotonic() - self._last
+            if idle > self.bound:
+                message = (
+                    f"Process {jax.process_index()}: no progress for {idle:.0f} s "
+                    f"(config.collective_timeout_s={self.bound:g}); another process of the run "
+                    "has stopped or hangs. Ending this one; its last checkpoint stands."
+                )
+                logging.error(message)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                self._on_timeout(message)
+                return
+
+
+def _exit_now(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    os._exit(3)  # the main thread is blocked in a collective: nothing else ends it

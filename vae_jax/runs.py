@@ -115,6 +115,11 @@ def check_workdir_config(
         logging.warning("Continuing %s with a changed config: %s", workdir, diff)
 
 
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config`` as ``{dotted field: value}``, as ``config.json`` holds it."""
+    return _flatten(json.loads(config.to_json_best_effort()))
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out = {}

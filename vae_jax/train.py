@@ -473,6 +473,7 @@ def evaluate(
         else:
             batch_key = jax.vmap(jax.random.fold_in, (0, None))(key, i)
         sums = p_eval_step(params, shard(batch, num_devices), jax_utils.replicate(batch_key))
+        distributed.progress()
         sums = jax.device_get(jax_utils.unreplicate(sums))
         sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}  # as Python floats add
         total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
@@ -574,6 +575,18 @@ def train_and_evaluate(
     """
     num_devices = jax.local_device_count()
     config_checks.check_config(config, jax.device_count())  # all processes' devices
+    # Several processes: a bound on waiting for the others, and the same run in all of them.
+    bound = config.get("collective_timeout_s", 1800.0) if jax.process_count() > 1 else 0
+    with distributed.Watchdog(bound):
+        distributed.agree("config", runs.flat_config(config))
+        return _locked_train_and_evaluate(
+            config, workdir, callbacks, allow_config_change, start_over, num_devices
+        )
+
+
+def _locked_train_and_evaluate(
+    config, workdir, callbacks, allow_config_change, start_over, num_devices
+) -> TrainState:
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:  # a name too long, a read-only parent: one line naming it
@@ -595,6 +608,7 @@ def _train_and_evaluate(
     start_over: bool = False,
 ) -> TrainState:
     data = input_pipeline.get_data(config)
+    distributed.agree("data", runs.data_record(config, data))
     primary = distributed.is_primary()  # the one process that writes files besides checkpoints
     if primary:
         runs.bind_data(config, data, workdir)  # a resumed run must see the data it started on
@@ -749,6 +763,7 @@ def _train_and_evaluate(
         with _StopSignals() as stop:
             for step in range(start + 1, num_steps + 1):
                 state, step_metrics = p_train_step(state, next(batches), *frozen)
+                distributed.progress()
                 pending.append(step_metrics)
                 for callback in callbacks:
                     callback(step, state)
