@@ -115,7 +115,12 @@ def test_processes_that_disagree_are_refused_not_left_hanging(tmp_path):
         )  # fmt: skip
         for i, steps in enumerate((200, 400))
     ]
-    outputs = [p.communicate(timeout=240) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:  # the hang this guards against: never leave them behind
+            if p.poll() is None:
+                p.kill()
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 2, err[-3000:]
         assert "disagree on its config (process 0 vs process 1): " in err

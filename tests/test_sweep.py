@@ -146,3 +146,66 @@ def test_a_run_name_too_long_for_a_file_name_is_refused_by_the_dry_run(tmp_path,
     )
     with pytest.raises(ValueError, match=r"run name c-x.init_from-runs_a.*is 2\d\d bytes"):
         sweep.main([f"--sweep={tmp_path / 's.py'}", f"--workdir={tmp_path}", "--dry_run"])
+
+
+class FakeTraining:
+    """`subprocess.Popen` for `sweep.execute`: records each command and makes its workdir,
+    as a training that finished at once would."""
+
+    commands: list = []
+
+    def __init__(self, command, stdout=None, stderr=None):
+        FakeTraining.commands.append(command)
+        workdir = next(a.split("=", 1)[1] for a in command if a.startswith("--workdir="))
+        os.makedirs(workdir, exist_ok=True)
+        self.returncode = 0
+
+    def poll(self):
+        return 0
+
+
+def sweep_with(tmp_path, steps, seeds):
+    path = tmp_path / "s.py"
+    path.write_text(
+        "def get_sweep():\n"
+        f"    return [{{'config': 'c.py:x', 'num_train_steps': {steps}, 'seed': s}}\n"
+        f"            for s in {list(seeds)!r}]\n"
+    )
+    return [f"--sweep={path}", f"--workdir={tmp_path / 'w'}"]
+
+
+def test_a_finished_job_the_sweep_has_changed_since_is_reported_not_kept_silently(
+    tmp_path, monkeypatch
+):
+    """Before: a longer num_train_steps in the sweep file reported "done already"."""
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
+    FakeTraining.commands = []
+    sweep.main(sweep_with(tmp_path, 20, [0]))
+    assert len(FakeTraining.commands) == 1
+    with pytest.raises(RuntimeError, match=r"no longer match the sweep: \['c-x.seed-0'\]"):
+        sweep.main(sweep_with(tmp_path, 40, [0]))
+    assert len(FakeTraining.commands) == 1  # kept, not retrained
+    sweep.main([*sweep_with(tmp_path, 40, [0]), "--rerun_changed"])
+    assert "--config.num_train_steps=40" in FakeTraining.commands[-1]
+    assert "--allow_config_change" in FakeTraining.commands[-1]
+    assert sweep.main(sweep_with(tmp_path, 40, [0])) == {"c-x.seed-0": 0}  # done now
+
+
+def test_a_population_that_grows_trains_only_its_new_members(tmp_path, monkeypatch):
+    """Before: adding seed 2 to a finished seeds 0-1 population retrained seeds 0 and 1 in a
+    new population, while the runs' links still pointed at the old one."""
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
+    FakeTraining.commands = []
+    sweep.main(sweep_with(tmp_path, 20, [0, 1]))
+    assert os.readlink(tmp_path / "w" / "c-x.seed-0") == os.path.join(
+        "c-x.seed-0-1", "members", "0"
+    )
+    status = sweep.main(sweep_with(tmp_path, 20, [0, 1, 2]))
+    (command,) = FakeTraining.commands[1:]
+    assert f"--workdir={tmp_path / 'w' / 'c-x.seed-2'}" in command
+    assert "--config.seed=2" in command and "--config.data_seed=0" in command
+    assert not any(a.startswith("--config.population_size") for a in command)
+    assert status == {"c-x.seed-0-1": 0, "c-x.seed-2": 0}
+    assert os.readlink(tmp_path / "w" / "c-x.seed-1") == os.path.join(
+        "c-x.seed-0-1", "members", "1"
+    )

@@ -285,11 +285,14 @@ def execute(
     parallel: int = 1,
     allow_config_change: bool = False,
     evaluate: Sequence[str] = (),
+    rerun_changed: bool = False,
 ) -> dict[str, int]:
     """Runs the jobs not yet done, ``parallel`` processes at a time, and, where ``evaluate``
     gives `vae_jax.evaluate` flags, evaluates each run of a trained job not yet evaluated with
     those flags; returns the exit status of each job and each evaluation (``<run>:evaluate``),
-    0 for those skipped as done."""
+    0 for those skipped as done, `CHANGED` for a finished job whose command the sweep has
+    changed since (trained on, with ``--allow_config_change``, where ``rerun_changed``). A
+    population that has grown trains only its new members (`_without_trained_members`)."""
     os.makedirs(workdir, exist_ok=True)
     status, queue, running = {}, [], {}
 
@@ -318,15 +321,42 @@ def execute(
         _link_members(job, workdir)
         queue[:0] = evaluations(job)  # a finished job's scores before the next training
 
+    planned, jobs = jobs, []
+    for job in planned:
+        remaining, owners = _without_trained_members(job, workdir)
+        jobs += remaining
+        for owner in owners:  # the finished population that trained some of its runs
+            if owner.name not in status:
+                print(f"done already (by an earlier population): {owner.name}", flush=True)
+                status[owner.name] = 0
+                queue += evaluations(owner)
     for job in jobs:
-        if os.path.exists(os.path.join(workdir, job.name, DONE)):
-            print(f"done already: {job.name}", flush=True)
-            status[job.name] = 0
-            _link_members(job, workdir)
-            queue += evaluations(job)
+        done = _read_json(os.path.join(workdir, job.name, DONE))
+        if done is None:
+            continue
+        changed = _changed(done.get("command", []), job.command(workdir))
+        if changed and rerun_changed:
+            print(f"changed since it finished, training it again: {job.name}: {changed}")
+            for name in job.members:  # its scores are of the old config's model
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(workdir, name, EVALUATED))
+            continue
+        if changed:
+            print(
+                f"CHANGED since it finished: {job.name}: {changed}; kept as it is (pass "
+                "--rerun_changed to continue it under the sweep's config)",
+                flush=True,
+            )
+            status[job.name] = CHANGED
+            continue
+        print(f"done already: {job.name}", flush=True)
+        status[job.name] = 0
+        _link_members(job, workdir)
+        queue += evaluations(job)
     for job in jobs:
         if job.name not in status:
-            command = job.command(workdir, allow_config_change)
+            rerun = os.path.exists(os.path.join(workdir, job.name, DONE))
+            command = job.command(workdir, allow_config_change or rerun)
             log = os.path.join(workdir, f"{job.name}.log")
             queue.append(_Task(job.name, command, log, functools.partial(trained, job)))
     while queue or running:
@@ -349,6 +379,51 @@ def execute(
             else:
                 print(f"FAILED ({process.returncode}): {name}; see {task.log}", flush=True)
     return status
+
+
+CHANGED = 3  # the status of a finished job whose config the sweep has changed since
+
+
+def _changed(before: Sequence[str], now: Sequence[str]) -> str:
+    """The ``--config`` flags that differ between a finished job's command and today's ('' if
+    none): the interpreter's path or the workdir's spelling are no change."""
+    old = {a.partition("=")[0]: a for a in before if a.startswith("--config")}
+    new = {a.partition("=")[0]: a for a in now if a.startswith("--config")}
+    if not old:  # a marker without its command: nothing to compare
+        return ""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{old.get(k, k + ' unset')} -> {new.get(k, 'unset')}" for k in keys)
+
+
+def _without_trained_members(job: Job, workdir: str) -> tuple[list[Job], list[Job]]:
+    """(jobs, owners): ``job``, or, for a population some of whose runs an earlier finished
+    population trained (the sweep added seeds), its other runs as single jobs with the
+    population's data order (so each still computes what member k with seed base + k does),
+    and those earlier populations (as jobs, for their runs' links and evaluations)."""
+    if len(job.members) == 1 or os.path.exists(os.path.join(workdir, job.name, DONE)):
+        return [job], []
+    owners: dict[str, Job] = {}
+    for name in job.members:
+        link = os.path.join(workdir, name)
+        if not os.path.islink(link):
+            continue
+        owner = os.readlink(link).split(os.sep)[0]
+        done = _read_json(os.path.join(workdir, owner, DONE))
+        if owner != job.name and done is not None:
+            owners[owner] = Job(owner, job.config, job.overrides, list(done["members"]))
+    trained = {name for owner in owners.values() for name in owner.members}
+    if not trained:
+        return [job], []
+    base = job.overrides["seed"]
+    data_seed = job.overrides.get("data_seed", -1)
+    data_seed = base if data_seed < 0 else data_seed
+    rest = {k: v for k, v in job.overrides.items() if k != "population_size"}
+    singles = [
+        Job(name, job.config, {**rest, "seed": base + k, "data_seed": data_seed}, [name])
+        for k, name in enumerate(job.members)
+        if name not in trained
+    ]
+    return singles, list(owners.values())
 
 
 def _read_json(path: str) -> Any:
@@ -382,6 +457,11 @@ def define_flags(fv: flags.FlagValues) -> None:
         "allow_config_change", False, "Passed to each run (resume after a config change).",
         flag_values=fv,
     )  # fmt: skip
+    flags.DEFINE_bool(
+        "rerun_changed", False, "Continue (with --allow_config_change) the finished jobs whose "
+        "config the sweep file has changed since; without it they are reported and kept.",
+        flag_values=fv,
+    )  # fmt: skip
     flags.DEFINE_string(
         "evaluate", "", "After a job trains, run `python -m vae_jax.evaluate` on each of its "
         "runs with these flags, e.g. '--split=test --num_importance_samples=50 "
@@ -407,10 +487,18 @@ def run(fv: flags.FlagValues) -> dict[str, int]:
             print(f"    then {shlex.join(job.evaluate_command(fv.workdir, k, evaluate))}")
     if fv.dry_run:
         return {}
-    status = execute(jobs, fv.workdir, fv.parallel, fv.allow_config_change, evaluate)
-    failed = sorted(name for name, code in status.items() if code)
+    status = execute(
+        jobs, fv.workdir, fv.parallel, fv.allow_config_change, evaluate, fv.rerun_changed
+    )
+    changed = sorted(name for name, code in status.items() if code == CHANGED)
+    failed = sorted(name for name, code in status.items() if code and code != CHANGED)
     if failed:
         raise RuntimeError(f"{len(failed)} job(s) failed: {failed}; rerun the command to resume.")
+    if changed:
+        raise RuntimeError(
+            f"{len(changed)} finished job(s) no longer match the sweep: {changed}; pass "
+            "--rerun_changed to continue them under the sweep's config."
+        )
     return status
 
 
