@@ -154,7 +154,7 @@ class FakeTraining:
 
     commands: list = []
 
-    def __init__(self, command, stdout=None, stderr=None):
+    def __init__(self, command, **kwargs):
         FakeTraining.commands.append(command)
         workdir = next(a.split("=", 1)[1] for a in command if a.startswith("--workdir="))
         os.makedirs(workdir, exist_ok=True)
@@ -209,3 +209,62 @@ def test_a_population_that_grows_trains_only_its_new_members(tmp_path, monkeypat
     assert os.readlink(tmp_path / "w" / "c-x.seed-1") == os.path.join(
         "c-x.seed-0-1", "members", "1"
     )
+
+
+def test_an_orphaned_training_is_waited_for_and_its_job_recorded(tmp_path, monkeypatch, capsys):
+    """Before: after kill -9 of the runner, its child kept the workdir's lock; the rerun's
+    child was refused by it and the job was never recorded as done."""
+    import subprocess
+    import sys
+
+    job_dir = tmp_path / "w" / "c-x.seed-0"
+    job_dir.mkdir(parents=True)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vae_jax import runs\n"
+         f"with runs.WorkdirLock({str(job_dir)!r}):\n print('held', flush=True); time.sleep(3)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert orphan.stdout.readline() == "held\n"
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
+    FakeTraining.commands = []
+    assert sweep.main(sweep_with(tmp_path, 20, [0])) == {"c-x.seed-0": 0}
+    out = capsys.readouterr().out
+    assert f"waiting: c-x.seed-0: its workdir is held by pid {orphan.pid}" in out
+    assert out.index("waiting:") < out.index("start: c-x.seed-0")
+    assert os.path.exists(job_dir / sweep.DONE)
+    assert orphan.wait(timeout=10) == 0
+
+
+def test_a_runner_killed_takes_its_training_with_it(tmp_path):
+    """kill -9 of the runner: its child gets SIGTERM (it saves a checkpoint and exits)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\nfrom vae_jax import sweep\n"
+        "class Job(sweep.Job):\n"
+        "    def command(self, workdir, allow_config_change=False):\n"
+        "        return [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+        f"sweep.execute([Job('j', 'c.py', {{}}, ['j'])], {str(tmp_path)!r})\n"
+    )
+    runner = subprocess.Popen([sys.executable, "-c", script])
+    children = f"/proc/{runner.pid}/task/{runner.pid}/children"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.exists(children) and open(children).read()):
+        time.sleep(0.05)
+    (child,) = [int(p) for p in open(children).read().split()]
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and os.path.exists(f"/proc/{child}"):
+        if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break  # ended, not yet reaped (its parent, init, will)
+        time.sleep(0.05)
+    alive = (
+        os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z"
+    )
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the training outlived its runner"

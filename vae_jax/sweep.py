@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import fnmatch
 import functools
 import importlib.util
@@ -43,6 +44,7 @@ import itertools
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -359,12 +361,23 @@ def execute(
             command = job.command(workdir, allow_config_change or rerun)
             log = os.path.join(workdir, f"{job.name}.log")
             queue.append(_Task(job.name, command, log, functools.partial(trained, job)))
+    waiting: set[str] = set()
     while queue or running:
-        while queue and len(running) < parallel:
-            task = queue.pop(0)
+        for task in list(queue):
+            if len(running) >= parallel:
+                break
+            holder = _lock_holder(task.command)
+            if holder is not None:  # an orphan of an earlier runner killed with -9
+                if task.name not in waiting:
+                    print(f"waiting: {task.name}: its workdir is held by {holder}", flush=True)
+                    waiting.add(task.name)
+                continue
+            queue.remove(task)
             log = open(task.log, "a", encoding="utf-8")  # noqa: SIM115
             print(f"start: {task.name}: {shlex.join(task.command)}", flush=True)
-            process = subprocess.Popen(task.command, stdout=log, stderr=log)
+            process = subprocess.Popen(
+                task.command, stdout=log, stderr=log, preexec_fn=_end_with_parent
+            )
             running[task.name] = (task, process, log)
         time.sleep(0.2)
         for name, (task, process, log) in list(running.items()):
@@ -379,6 +392,39 @@ def execute(
             else:
                 print(f"FAILED ({process.returncode}): {name}; see {task.log}", flush=True)
     return status
+
+
+def _end_with_parent() -> None:
+    """In a child, before it runs: SIGTERM when the runner dies, even of kill -9 (Linux), so
+    no orphan keeps training a job (it saves a checkpoint; a rerun resumes it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the lock wait in `execute` still holds
+        pass
+
+
+def _lock_holder(command: Sequence[str]) -> str | None:
+    """Who holds the workdir lock (`vae_jax.runs.WorkdirLock`) of a training ``command``,
+    if another process does: the runner then waits for it and trains the job after it
+    (resuming at its last checkpoint), so the job's completion is recorded either way."""
+    if "vae_jax.main" not in command:
+        return None
+    workdir = next((a.split("=", 1)[1] for a in command if a.startswith("--workdir=")), None)
+    path = os.path.join(workdir or "", "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        with open(fd, encoding="utf-8", closefd=False) as f:
+            return f.read().strip() or "another process"
+    finally:
+        os.close(fd)
 
 
 CHANGED = 3  # the status of a finished job whose config the sweep has changed since
