@@ -835,3 +835,22 @@ def test_an_unusable_workdir_is_one_line_naming_it(tmp_path):
     with read_only(workdir):
         with pytest.raises(files.NotWritableError, match=r"run/lock: cannot open the workdir's"):
             train.train_and_evaluate(config, str(workdir))
+
+
+def test_a_silent_divergence_keeps_the_checkpoint_before_it(tmp_path):
+    """Before: at lr=3 every loss stays finite (277,252 at step 22, against 12.3), nothing is
+    skipped, and frequent checkpoints rotated the healthy step 20 out (no keep period here)."""
+    config = tiny_synthetic_config("cyclical", steps=20)
+    config.update(checkpoint_every_steps=2, checkpoints_to_keep=3, checkpoint_keep_period=0)
+    config.loss_spike.window = 10
+    train.train_and_evaluate(config, str(tmp_path))
+    config.num_train_steps, config.lr_schedule.value = 40, 3.0
+    train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+    checkpointer = checkpoints.Checkpointer(str(tmp_path), read_only=True)
+    assert checkpointer.steps() == [20, 36, 38, 40]
+    assert checkpointer.meta(40)["protected"] == [20]
+    records = [r for r in writers.read_metrics(str(tmp_path)) if "nonfinite_steps" in r]
+    assert sum(r["nonfinite_steps"] + r["spike_steps"] for r in records) == 0  # all applied
+    config.num_train_steps = 50  # a resume keeps it protected (the meta names it)
+    train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+    assert checkpoints.Checkpointer(str(tmp_path), read_only=True).steps() == [20, 46, 48, 50]

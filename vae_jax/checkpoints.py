@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -173,6 +174,17 @@ def restore_params(workdir: str, which: str = "best") -> tuple[Any, dict]:
     return jax.device_get(state["params"]), {"step": step, **meta}
 
 
+@dataclasses.dataclass
+class _Protected(checkpoint_managers.PreservationPolicy):
+    """Keeps the steps in ``steps``, a set that grows while the run goes on (`protect`)."""
+
+    steps: set[int] = dataclasses.field(default_factory=set)
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
     """Periodic checkpoints of one workdir (see the module docstring)."""
 
@@ -181,7 +193,8 @@ class Checkpointer:
         if read_only:
             options = ocp.CheckpointManagerOptions(create=False, read_only=True)
         else:
-            policies = [checkpoint_managers.LatestN(keep)]
+            self._protected = _Protected()
+            policies = [checkpoint_managers.LatestN(keep), self._protected]
             if keep_period > 0:
                 policies.append(checkpoint_managers.EveryNSteps(keep_period))
             policies.append(  # lowest validation metric; checkpoints without one: the others
@@ -230,6 +243,14 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def protect(self, step: int) -> None:
+        """Keeps checkpoint ``step`` whatever the rotation (the last one before a divergence)."""
+        self._protected.steps.add(int(step))
+
+    @property
+    def protected(self) -> list[int]:
+        return sorted(self._protected.steps)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -53,6 +53,10 @@ from vae_jax.tokens import sequence_lengths
 AXIS = "devices"  # the pmap axis name, used nowhere else
 # A population's diverged members: in the checkpoints' meta, and a file in members/<k>/.
 DIVERGED, DIVERGED_FILE = "diverged", "diverged.json"
+# A loss above this multiple of the recent median marks a likely divergence, guard or not:
+# the last checkpoint before it is kept (named in the meta's PROTECTED), the step applied.
+SUSPECT_FACTOR = 10.0
+PROTECTED = "protected"
 
 
 class TrainState(train_state.TrainState):
@@ -189,12 +193,16 @@ def train_step(
     finite = jnp.isfinite(global_loss) & jnp.isfinite(grad_norm)
     # Kept whether or not the guard is on, so that it can be switched on in a resumed run.
     history = state.loss_history.at[state.step % state.loss_history.shape[0]].set(global_loss)
+    past = state.loss_history
+    filled = jnp.sum(jnp.isfinite(past))
+    median = jnp.nanmedian(jnp.where(filled > 0, past, 0.0))
+    judged = finite & (2 * filled >= past.shape[0])
     spike = jnp.bool_(False)
     if spike_factor > 0:  # static
-        past = state.loss_history
-        filled = jnp.sum(jnp.isfinite(past))
-        median = jnp.nanmedian(jnp.where(filled > 0, past, 0.0))
-        spike = finite & (2 * filled >= past.shape[0]) & (global_loss > spike_factor * median)
+        spike = judged & (global_loss > spike_factor * median)
+    # Watched whether or not the guard is on, never skipped for: a likely divergence with
+    # finite values, whose checkpoint before it the run keeps (`SUSPECT_FACTOR`).
+    suspect = judged & (global_loss > SUSPECT_FACTOR * median)
 
     def apply_gradients() -> TrainState:
         updates, opt_state = state.tx.update(
@@ -229,6 +237,7 @@ def train_step(
         "loss": global_loss,
         "spike": spike.astype(jnp.int32),
         "spike_run": new_state.spike_run,
+        "suspect": suspect.astype(jnp.int32),
     }
     return new_state, {**sums, **step_metrics}
 
@@ -654,6 +663,8 @@ def _train_and_evaluate(
         start = int(np.max(state.step))
         logging.info("Resuming %s from step %d (%s).", workdir, start, saved)
         diverged = {int(k): tuple(v) for k, v in saved.get(DIVERGED, {}).items()}
+        for kept in saved.get(PROTECTED, []):
+            checkpointer.protect(kept)
     elif config.init_from:
         fresh = [init_params_from(config, model, s.params) for s in states]
         state = state.replace(params=stack_params(fresh) if is_population else fresh[0])
@@ -696,7 +707,13 @@ def _train_and_evaluate(
         }
         if diverged:
             info[DIVERGED] = {str(k): list(v) for k, v in sorted(diverged.items())}
+        if checkpointer.protected:
+            info[PROTECTED] = checkpointer.protected
         checkpointer.save(step, host_state, info, valid_metric=valid_ppl)
+        saved_steps.append(step)
+
+    saved_steps: list[int] = [start] if latest is not None else []
+    trouble: list[int] = []  # the first skipped, spiking or suspect step of this process
 
     def frozen_mask():
         mask = np.zeros(len(members), bool)
@@ -705,9 +722,27 @@ def _train_and_evaluate(
 
     frozen = [frozen_mask()] if is_population else []  # the step's extra argument
 
+    def _keep_checkpoint_before_trouble(step_metrics, at: int) -> None:
+        """At the first skipped, spiking or suspect step: keeps the newest checkpoint saved
+        before it, so a divergence never rotates the last healthy one out."""
+        flags = jax.device_get({n: step_metrics[n] for n in ("nonfinite", "spike", "suspect")})
+        if not any(live(np.atleast_1d(np.asarray(v)[0])).any() for v in flags.values()):
+            return
+        trouble.append(at)
+        before = [s for s in saved_steps if s < at]
+        if before:
+            checkpointer.protect(before[-1])
+            logging.warning(
+                "Step %d was skipped, a loss spike, or a loss over %g x the recent median: "
+                "checkpoint %d, the last before it, is kept whatever the rotation.",
+                at, SUSPECT_FACTOR, before[-1],
+            )  # fmt: skip
+
     def check(step_metrics, at: int) -> None:
         """Applies the guards (`_check_nonfinite`): a single run, or a population's last
         healthy members, stop; a population's other failing members are frozen."""
+        if not trouble:
+            _keep_checkpoint_before_trouble(step_metrics, at)
         failures = _check_nonfinite(
             step_metrics, at, config, checkpointer, is_population, skip=diverged
         )
