@@ -255,6 +255,10 @@ def test_a_runner_killed_takes_its_training_with_it(tmp_path):
     while time.time() < deadline and not (os.path.exists(children) and open(children).read()):
         time.sleep(0.05)
     (child,) = [int(p) for p in open(children).read().split()]
+    while (
+        time.time() < deadline and b"sleep(60)" not in open(f"/proc/{child}/cmdline", "rb").read()
+    ):
+        time.sleep(0.05)  # until it runs the training's program (after the fork's set-up)
     runner.send_signal(signal.SIGKILL)
     runner.wait()
     deadline = time.time() + 10

@@ -376,7 +376,10 @@ def execute(
             log = open(task.log, "a", encoding="utf-8")  # noqa: SIM115
             print(f"start: {task.name}: {shlex.join(task.command)}", flush=True)
             process = subprocess.Popen(
-                task.command, stdout=log, stderr=log, preexec_fn=_end_with_parent
+                task.command,
+                stdout=log,
+                stderr=log,
+                preexec_fn=functools.partial(_end_with_parent, os.getpid()),
             )
             running[task.name] = (task, process, log)
         time.sleep(0.2)
@@ -394,15 +397,18 @@ def execute(
     return status
 
 
-def _end_with_parent() -> None:
-    """In a child, before it runs: SIGTERM when the runner dies, even of kill -9 (Linux), so
-    no orphan keeps training a job (it saves a checkpoint; a rerun resumes it)."""
+def _end_with_parent(parent: int) -> None:
+    """In a child, before it runs: SIGTERM when the runner (pid ``parent``) dies, even of
+    kill -9 (Linux), so no orphan keeps training a job (it saves a checkpoint; a rerun
+    resumes it)."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the lock wait in `execute` still holds
-        pass
+        return
+    if os.getppid() != parent:  # the runner died between the fork and the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _lock_holder(command: Sequence[str]) -> str | None:
