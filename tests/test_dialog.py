@@ -9,7 +9,7 @@ import pytest
 import swda as swda_config  # configs/swda.py
 from conftest import run_python
 
-from vae_jax import config_checks, input_pipeline, runs, train
+from vae_jax import config_checks, early_stopping, input_pipeline, runs, train
 from vae_jax.datasets import swda, text
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -109,7 +109,44 @@ def test_shortened_variant_scales_both_schedules():
     assert short.beta_schedule.warmup_steps == round(10_000 / 3)
     assert full.beta_schedule.warmup_steps == 10_000 and full.eval_every_steps == 1716
     cyc = swda_config.get_config("cyclical")
-    assert cyc.beta_schedule.total_steps == 10 * 5148 and cyc.beta_schedule.ratio == 2 / 3
+    # At most 60 validations of 1,716 steps (the official max_epoch): 20 cycles.
+    assert cyc.beta_schedule.total_steps == 20 * 5148 == 60 * cyc.eval_every_steps
+    assert cyc.beta_schedule.ratio == 2 / 3
+
+
+def test_four_variants_of_table_2():
+    for name, bow, beta in (
+        ("cvae_monotonic", False, "monotonic"), ("cvae_cyclical", False, "cyclical"),
+        ("cvae_bow_monotonic", True, "monotonic"), ("cvae_bow_cyclical", True, "cyclical"),
+        ("cyclical", True, "cyclical"),  # the older name of cvae_bow_cyclical
+    ):  # fmt: skip
+        config = swda_config.get_config(name)
+        assert config.model.use_bow is bow and config.beta_schedule.name == beta, name
+        assert config.early_stopping.patience == 10
+    with pytest.raises(ValueError, match="variant must be one of"):
+        swda_config.get_config("cvae_bow")
+
+
+def test_early_stopping_rule_by_hand():
+    """The official rule: patience 3, a new best must beat the threshold by 0.4% to raise the
+    patience to 2·v; a small improvement is a new best but leaves the patience."""
+    config = swda_config.get_config("tiny")
+    config.early_stopping.patience = 3
+    state = early_stopping.init(config)
+    trace = []
+    for loss in (100.0, 90.0, 89.9, 89.8, 95.0, 89.0, 91.0, 92.0, 93.0):
+        state = early_stopping.update(state, loss, config)
+        trace.append((state.patience, state.best, state.stopped))
+    # v=1: 100 (patience max(3, 2)); v=2: 90 ≤ 99.6 → 4; v=3, 4: new bests within 0.4% of 90;
+    # v=5: worse; v=6: 89 ≤ 89.64 → 12; then no improvement: stop at v = 12 (not reached).
+    assert [t[0] for t in trace] == [3, 4, 4, 4, 4, 12, 12, 12, 12]
+    assert trace[3][1] == 89.8 and trace[-1][1] == 89.0 and not trace[-1][2]
+    state = early_stopping.init(config)
+    for v, loss in enumerate((100.0, 99.9, 99.8), start=1):
+        state = early_stopping.update(state, loss, config)
+        assert state.stopped == (v == 3)  # patience 3, never raised past 2
+    records = [{"valid_elbo": -x, "step": i} for i, x in enumerate((100.0, 99.9, 99.8))]
+    assert early_stopping.replay(records + [{"loss": 1.0}], config) == state
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +177,47 @@ def test_training_logs_the_dialog_figures_and_resumes_exactly(trained):
     train.train_and_evaluate(half, split)
     resumed = train.train_and_evaluate(tiny_config(tmp), split, allow_config_change=True)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_swda
+def test_plain_cvae_has_no_bag_of_words_head_or_loss(trained, tmp_path):
+    config = tiny_config(trained[3], steps=4)  # the module's TFDS build
+    config.model.use_bow = False
+    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not any(name.startswith("bow_") for name in state.params)
+    assert {"dec_out", "recog", "prior_out"} <= set(state.params)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = [r for r in records if "loss" in r]
+    assert logged and not any("bow" in r or "valid_bow" in r for r in records)
+    for r in logged:  # the objective is Rec + β·KL alone (means over the logged steps)
+        assert r["loss"] == pytest.approx(r["rec"] + r["beta"] * r["kl"], rel=1e-3)
+    assert any("valid_rec_ppl" in r for r in records)
+
+
+@needs_swda
+def test_early_stopping_stops_resumes_exactly_and_stays_stopped(trained, tmp_path):
+    """Patience 2 and a threshold of half the loss: the second validation (step 4, every 2
+    steps) cannot raise the patience, so the run stops there, checkpointed, and a rerun has
+    nothing to train; a run cut after its first validation resumes to the same end."""
+
+    def config(steps=12):
+        c = tiny_config(trained[3], steps)  # the module's TFDS build
+        c.early_stopping.update(patience=2, improve_threshold=0.5)
+        return c
+
+    straight = train.train_and_evaluate(config(), str(tmp_path / "straight"))
+    records = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "early_stopped" in r] == [4]
+    assert max(r["step"] for r in records) == 4
+    assert int(straight.step) == 4
+    again = train.train_and_evaluate(config(), str(tmp_path / "straight"))
+    assert int(again.step) == 4
+    assert len(open(tmp_path / "straight" / "metrics.jsonl").readlines()) == len(records)
+    train.train_and_evaluate(config(steps=2), str(tmp_path / "cut"))
+    resumed = train.train_and_evaluate(config(), str(tmp_path / "cut"), allow_config_change=True)
+    assert int(resumed.step) == 4
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

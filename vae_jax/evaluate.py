@@ -192,8 +192,9 @@ def evaluate_dialog(
 def format_dialog_table(r: dict[str, Any]) -> str:
     """The ELBO figures and Table 2's metrics of `evaluate_dialog`, as Markdown."""
     lines = ["| Rec | KL | BOW | −ELBO | PPL bound | response PPL |", "|---|---|---|---|---|---|"]
+    bow = f"{r['bow']:.3f}" if "bow" in r else "–"  # the plain CVAE has no BOW head
     lines.append(
-        f"| {r['rec']:.3f} | {r['kl']:.3f} | {r['bow']:.3f} | {r['neg_elbo']:.3f} | "
+        f"| {r['rec']:.3f} | {r['kl']:.3f} | {bow} | {r['neg_elbo']:.3f} | "
         f"{r['ppl_bound']:.2f} | {r['rec_ppl']:.2f} |"
     )
     return "\n".join(lines) + "\n\n" + dialog_metrics.format_table({"this run": r})
