@@ -248,3 +248,53 @@ def test_bad_input_ends_in_one_line_before_any_feature(short_yelp_run, tmp_path)
         if "logistic" not in arg and run != unlabelled:  # what exists is named too
             assert "epochs 1, 2; last step 88" in lines[0], lines[0]
         assert not os.path.exists(out)  # nothing computed, nothing written
+
+
+def test_official_protocol_cycle_ends_and_archive_round_trip(short_yelp_run, tmp_path):
+    root, classified = short_yelp_run, tmp_path / "classified"
+    result = classify(root, f"--out={classified}", "--protocol=official", "--epochs=4", "--draws=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = classify(
+        root, f"--out={classified}", "--checkpoint=best", "--cycle_ends", "--sizes=100",
+        "--steps=100", "--eval_every=50", "--draws=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = sorted(os.listdir(classified / "run"))
+    assert found == [f"balanced.{c}.json" for c in ("best", "epoch-1", "epoch-2")] + [
+        "official.best.json"
+    ]
+    with open(classified / "run" / "official.best.json") as f:
+        official = json.load(f)
+    ten = official["sizes"]["10%"]
+    assert ten["n"] == official["train_size"] * 10 // 100 and len(ten["probes"]) == 2
+    assert all(1 <= p["epoch"] <= 4 for p in ten["probes"])
+    # Random draws hold the corpus' share of positives (about 72% here), not half.
+    assert all(abs(f - 0.72) < 0.08 for f in official["label_fraction"])
+    with open(classified / "run" / "balanced.epoch-2.json") as f:
+        assert json.load(f)["checkpoint_step"] == 88
+
+    archive = tmp_path / "archive"
+    out = run_python(
+        ["experiments/yelp_table.py", str(root / "run"), f"--classified={classified}",
+         f"--archive={archive}", f"--out={tmp_path / 'from_runs'}"],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(os.listdir(archive / "run")) == ["classify", "config.json", "evaluations.json"]
+    assert len(os.listdir(archive / "run" / "classify")) == 4
+    # The archive alone gives the same tables, the runs and classifier outputs gone.
+    os.rename(classified, tmp_path / "moved")
+    out = run_python(["experiments/yelp_table.py", str(archive), f"--out={tmp_path / 'table'}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "table" / "table3.json") as f:
+        table = json.load(f)
+    with open(tmp_path / "from_runs" / "table3.json") as f:
+        assert json.load(f)["tables"] == table["tables"]
+    cell = table["tables"]["official"]["rows"]["VAE cyclical"]["10%"]
+    assert cell["mean"] == pytest.approx(np.mean([p["test_acc"] for p in ten["probes"]]))
+    assert cell["seeds"] == [0] and cell["draws_per_seed"] == [2]
+    assert "100" in table["tables"]["balanced"]["rows"]["VAE cyclical"]
+    assert [e for e, _ in table["trajectory"]["VAE cyclical"]["100"]] == [1, 2]
+    text_ = (tmp_path / "table" / "table3.md").read_text()
+    assert "| VAE cyclical | 1 × 2 |" in text_ and "4 epochs" in text_
+    for png in ("trajectory.png", "pretraining.png"):
+        assert (tmp_path / "table" / png).stat().st_size > 0
