@@ -336,7 +336,8 @@ def plot_pretraining(groups: dict, path: str) -> None:
         color = None
         for i in range(2):
             mean = values[..., i].mean(0)
-            line = axes[i].plot(epochs, mean, label=f"{name} ({len(curves)} seeds)", color=color)
+            label = f"{name} (n = {len(curves)})"
+            line = axes[i].plot(epochs, mean, marker=".", label=label, color=color)
             color = line[0].get_color()
             if len(curves) > 1:
                 std = values[..., i].std(0, ddof=1)
