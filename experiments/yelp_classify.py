@@ -1,6 +1,6 @@
 """Table 3 of Fu et al. (2019): sentiment accuracy of a linear classifier on pre-trained features.
 
-    python experiments/yelp_classify.py runs/yelp/yelp-*.seed-* --out runs/yelp_classified \
+    python experiments/yelp_classify.py runs/yelp/yelp-*.seed-*/ --out runs/yelp_classified \
         [--protocol balanced|official] [--checkpoint best|last|<step>|epoch:<E>[,…]]
         [--cycle_ends [E1,E2,…]] [--draws 5] [--sizes 100,500,1000,2000,10000,all]
         [--steps 100000] [--epochs 3000] [--finetune_encoder --steps 3000 --eval_every 500]

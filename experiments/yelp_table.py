@@ -1,6 +1,6 @@
 """Table 3 of Fu et al. (2019) from finished Yelp runs and their classifier results.
 
-    python experiments/yelp_table.py runs/yelp/yelp-*.seed-* --classified CLASSIFIED \
+    python experiments/yelp_table.py runs/yelp/yelp-*.seed-*/ --classified CLASSIFIED \
         --archive experiments/results/yelp/runs          # record each finished run
     python experiments/yelp_table.py experiments/results/yelp/runs \
         --out experiments/results/yelp [--checkpoint best]   # tables and plots from the record
@@ -311,9 +311,8 @@ def schedules_per_epoch(config: dict, steps_per_epoch: int, epochs: float, point
     """(epochs, β, lr) of a run's schedules at ``points`` steps an epoch."""
     beta_fn, lr_fn = train.make_schedules(ml_collections.ConfigDict(config), steps_per_epoch)
     steps = np.linspace(0, epochs * steps_per_epoch, int(epochs * points) + 1)
-    beta = np.array([float(beta_fn(int(s))) for s in steps])
-    lr = np.array([float(lr_fn(int(s))) for s in steps])
-    return steps / steps_per_epoch, beta, lr
+    steps = np.round(steps).astype(np.int32)
+    return steps / steps_per_epoch, np.asarray(beta_fn(steps)), np.asarray(lr_fn(steps))
 
 
 def plot_pretraining(groups: dict, path: str) -> None:
