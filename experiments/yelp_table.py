@@ -18,7 +18,8 @@ training row. Unfinished runs are left out, each named on stderr.
 ``--out DIR`` writes
 - ``table3.md`` and ``table3.json``: for each protocol (``official``, ``balanced``) the test
   accuracy of each variant (AE, VAE monotonic, VAE cyclical, …) at ``--checkpoint`` (``best``,
-  the official selection), mean ± std (ddof 1) over every (pre-training seed, label draw) pair;
+  the official selection), mean ± std (ddof 1) over every (pre-training seed, label draw) pair,
+  and each variant's test Rec and KL at that checkpoint (mean ± std over seeds);
 - ``trajectory.png``: the balanced protocol's accuracy at n = 100 and n = 1,000 against the
   epoch of each cycle end scored (``yelp_classify.py --cycle_ends``), a line per variant with a
   ± std band over seeds and draws;
@@ -260,6 +261,44 @@ def markdown(table: dict, groups: dict, label: str) -> str:
     )
 
 
+def pretraining(groups: dict, label: str) -> dict:
+    """{variant: {"epoch": [...], "test_rec"/"test_kl": mean, "<key>_std"}}: each run's test
+    figures at the checkpoint its classifier results were computed on (``label``)."""
+    out = {}
+    for name, members in groups.items():
+        figures = []
+        for m in members:
+            steps = {r["checkpoint_step"] for (_, c), r in m["results"].items() if c == label}
+            records = {r["step"]: r for r in evaluations(m["run"]) if "test_rec" in r}
+            if len(steps) == 1 and next(iter(steps)) in records:
+                figures.append(records[steps.pop()])
+        if not figures:
+            continue
+        row = {"epoch": [f["epoch"] for f in figures], "seeds": len(figures)}
+        for key in ("test_rec", "test_kl"):
+            values = [f[key] for f in figures]
+            row[key] = float(np.mean(values))
+            row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        out[name] = row
+    return out
+
+
+def pretraining_markdown(rows: dict, label: str) -> str:
+    lines = [
+        f"**pre-training, test split at the {label!r} checkpoint** (nats a sentence)\n",
+        "| features | seeds | epoch | Rec | KL |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for name, row in rows.items():
+        cells = []
+        for key in ("test_rec", "test_kl"):
+            std = row[f"{key}_std"]
+            cells.append(f"{row[key]:.2f}" + ("" if std is None else f" ± {std:.2f}"))
+        epochs = ", ".join(f"{e:g}" for e in row["epoch"])
+        lines.append(f"| {name} | {row['seeds']} | {epochs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def trajectory(groups: dict) -> dict:
     """{variant: {size: [(epoch, pooled)]}} of the balanced protocol at every cycle end."""
     out = {}
@@ -360,7 +399,10 @@ def write_tables(groups: dict, out: str, label: str) -> str:
     """table3.md, table3.json, trajectory.png and pretraining.png under ``out``."""
     os.makedirs(out, exist_ok=True)
     table = tables(groups, label)
+    figures = pretraining(groups, label)
     text = markdown(table, groups, label)
+    if figures:
+        text += "\n" + pretraining_markdown(figures, label) + "\n"
     curves = trajectory(groups)
     names = {
         n: [os.path.basename(os.path.normpath(m["run"])) for m in ms] for n, ms in groups.items()
@@ -368,6 +410,7 @@ def write_tables(groups: dict, out: str, label: str) -> str:
     record = {
         "checkpoint": label,
         "tables": table,
+        "pretraining": figures,
         "trajectory": {
             n: {s: [list(p) for p in v] for s, v in c.items()} for n, c in curves.items()
         },

@@ -294,6 +294,8 @@ def test_official_protocol_cycle_ends_and_archive_round_trip(short_yelp_run, tmp
     assert cell["seeds"] == [0] and cell["draws_per_seed"] == [2]
     assert "100" in table["tables"]["balanced"]["rows"]["VAE cyclical"]
     assert [e for e, _ in table["trajectory"]["VAE cyclical"]["100"]] == [1, 2]
+    figures = table["pretraining"]["VAE cyclical"]  # the test split at the best checkpoint
+    assert figures["epoch"] in ([1.0], [2.0]) and figures["test_rec"] > 0
     text_ = (tmp_path / "table" / "table3.md").read_text()
     assert "| VAE cyclical | 1 × 2 |" in text_ and "4 epochs" in text_
     for png in ("trajectory.png", "pretraining.png"):
