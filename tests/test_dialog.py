@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -180,14 +181,21 @@ def test_training_logs_the_dialog_figures_and_resumes_exactly(trained):
         np.testing.assert_array_equal(a, b)
 
 
-@needs_swda
-def test_plain_cvae_has_no_bag_of_words_head_or_loss(trained, tmp_path):
-    config = tiny_config(trained[3], steps=4)  # the module's TFDS build
+@pytest.fixture(scope="module")
+def plain(trained):
+    """A tiny plain CVAE (no bag-of-words head), 4 steps on the module's TFDS build."""
+    config = tiny_config(trained[3], steps=4)
     config.model.use_bow = False
-    state = train.train_and_evaluate(config, str(tmp_path / "run"))
+    workdir = str(trained[3] / "plain")
+    return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+@needs_swda
+def test_plain_cvae_has_no_bag_of_words_head_or_loss(plain):
+    _, workdir, state = plain
     assert not any(name.startswith("bow_") for name in state.params)
     assert {"dec_out", "recog", "prior_out"} <= set(state.params)
-    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     logged = [r for r in records if "loss" in r]
     assert logged and not any("bow" in r or "valid_bow" in r for r in records)
     for r in logged:  # the objective is Rec + β·KL alone (means over the logged steps)
@@ -249,18 +257,77 @@ def test_evaluate_and_generate_on_a_dialog_run(trained):
 
 
 @needs_swda
-def test_dialog_table_writes_table_2s_layout(trained):
-    _, workdir, _, tmp = trained
-    out_dir = tmp / "table"
-    out = run_python(
-        ["experiments/dialog_table.py", workdir, f"--out={out_dir}", "--checkpoint=last",
-         "--max_contexts=6", "--num_samples=2", "--show=2"]
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    table = (out_dir / "table.md").read_text()
-    assert "| Rec-P ↓ |" in table and "| BLEU-4 F |" in table and "stand-in" in table
-    assert "A-bow" not in table.split("\n\n")[0]  # no word vectors: no such rows
-    result = json.loads((out_dir / "cvae_cyclical.json").read_text())
-    assert result["contexts"] == 6 and result["trained_steps"] == 12
-    assert (out_dir / "curves.png").exists()
-    assert (out_dir / "samples.md").read_text().count("sample 1 >>") == 2
+def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
+    trained, plain, tmp_path, monkeypatch, capsys
+):
+    """Table 2 from a CVAE+BoW and a plain-CVAE run, archived; rebuilt from the archive alone
+    (nothing evaluated again); a second seed gives mean ± std; bad input ends in one line."""
+    import dialog_table  # experiments/dialog_table.py
+
+    bow_run, plain_run = trained[1], plain[1]
+    archive = tmp_path / "archive"
+    flags = ["--max_contexts=4", "--num_samples=2", "--show=2"]
+    cols = dialog_table.main(
+        [bow_run, plain_run, f"--archive={archive}", f"--out={tmp_path / 'first'}", *flags]
+    )
+    assert [c["label"] for c in cols] == ["CVAE C", "CVAE+BoW C"]
+    table = (tmp_path / "first" / "table.md").read_text()
+    assert "| | CVAE C (n=1) | CVAE+BoW C (n=1) |" in table
+    bow_cells = next(x for x in table.splitlines() if x.startswith("| BOW loss |")).split("|")
+    assert bow_cells[2].strip() == "—" and bow_cells[3].strip() != "—"
+    for label in ("Rec-P ↓", "−ELBO", "BLEU-4 F", "distinct-2"):
+        assert f"| {label} |" in table
+    assert "stand-in" in table and "best at step" in table and "no early stop" in table
+    for run in (bow_run, plain_run):
+        record = archive / os.path.basename(run)
+        assert sorted(os.listdir(record)) == [
+            "config.json", "eval_test.json", "evaluations.json", "samples_test.txt.gz"
+        ]  # fmt: skip
+        # β and lr at each validation are those training logged at that step.
+        logged = {r["step"]: r for r in dialog_table.writers.read_metrics(run) if "beta" in r}
+        evals = [r for r in json.loads((record / "evaluations.json").read_text()) if "beta" in r]
+        assert evals and all("valid_rec_ppl" in r and "test_kl" in r for r in evals)
+        for r in evals:
+            assert r["beta"] == pytest.approx(logged[r["step"]]["beta"], abs=1e-6)
+            assert r["lr"] == pytest.approx(logged[r["step"]]["lr"], rel=1e-5)
+    samples = (tmp_path / "first" / "samples.md").read_text()
+    assert samples.count("## test row") == 2 and samples.count("sample 1 >>") == 4
+    assert (tmp_path / "first" / "curves.png").stat().st_size > 0
+
+    def no_evaluation(*args):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(dialog_table, "evaluate_run", no_evaluation)
+    dialog_table.main([str(archive), f"--out={tmp_path / 'again'}", *flags])
+    for name in ("table.md", "samples.md"):
+        assert (tmp_path / "again" / name).read_text() == (tmp_path / "first" / name).read_text()
+
+    # A second seed of CVAE+BoW (a copy of the record with seed 1 and its KL one nat higher).
+    seed1 = tmp_path / "more" / "run.seed-1"
+    shutil.copytree(archive / os.path.basename(bow_run), seed1)
+    for name, key, delta in (("config.json", "seed", 1), ("eval_test.json", "kl", 1.0)):
+        record = json.loads((seed1 / name).read_text())
+        record[key] += delta
+        (seed1 / name).write_text(json.dumps(record))
+    cols = dialog_table.main(
+        [str(archive), str(tmp_path / "more"), f"--out={tmp_path / 'seeds'}", *flags]
+    )
+    assert [c["n"] for c in cols] == [1, 2] and cols[1]["kl_std"] == pytest.approx(2**-0.5)
+    kl = cols[1]["kl"]
+    assert f"{kl:.3f} ± 0.707" in (tmp_path / "seeds" / "table.md").read_text()
+
+    plain_copy = tmp_path / "bad" / "plain"
+    shutil.copytree(archive / os.path.basename(plain_run), plain_copy)
+    result = json.loads((plain_copy / "eval_test.json").read_text())
+    (plain_copy / "eval_test.json").write_text(json.dumps({**result, "bow": 1.0}))
+    capsys.readouterr()
+    for argv, expected in (
+        ([str(tmp_path / "nowhere")], "nowhere: not a run"),
+        ([str(archive), "--variants=cvae_bow"], "--variants: unknown ['cvae_bow']"),
+        ([str(plain_copy)], "eval_test.json: has 'bow' but config.model.use_bow=False"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            dialog_table.main([*argv, f"--out={tmp_path / 'never'}", *flags])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "never").exists()

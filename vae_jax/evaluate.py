@@ -180,6 +180,7 @@ def evaluate_dialog(
         "responses": len(batcher.rows),
         **scores,
         "num_samples": num_samples,
+        "max_contexts": max_contexts,  # 0: every context (a reader reuses only a match)
         "references": "one per context: the true response (test_multi_ref.json is not here)",
         "word_vectors": vectors.path if vectors is not None else None,
         "posterior": "recognition network q(z|x, c); KL to the prior network p(z|c)",
