@@ -260,16 +260,28 @@ def test_evaluate_and_generate_on_a_dialog_run(trained):
 def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
     trained, plain, tmp_path, monkeypatch, capsys
 ):
-    """Table 2 from a CVAE+BoW and a plain-CVAE run, archived; rebuilt from the archive alone
-    (nothing evaluated again); a second seed gives mean ± std; bad input ends in one line."""
+    """Table 2 from a CVAE+BoW and a plain-CVAE run, each evaluated once, archived and rebuilt
+    from the archive alone; a second seed gives mean ± std; bad input ends in one line."""
     import dialog_table  # experiments/dialog_table.py
 
     bow_run, plain_run = trained[1], plain[1]
     archive = tmp_path / "archive"
     flags = ["--max_contexts=4", "--num_samples=2", "--show=2"]
-    cols = dialog_table.main(
-        [bow_run, plain_run, f"--archive={archive}", f"--out={tmp_path / 'first'}", *flags]
-    )
+    # Without --archive the test evaluation goes to the workdir, as vae_jax.evaluate's does…
+    dialog_table.main([bow_run, plain_run, f"--out={tmp_path / 'first'}", *flags])
+    for run in (bow_run, plain_run):
+        assert json.load(open(os.path.join(run, "eval_test.json")))["max_contexts"] == 4
+        assert os.path.exists(os.path.join(run, "samples_test.txt"))
+
+    def no_evaluation(*args):
+        raise AssertionError("evaluated again")
+
+    # …and is reused from there (same best step and settings) when archiving.
+    with monkeypatch.context() as patch:
+        patch.setattr(dialog_table, "evaluate_run", no_evaluation)
+        cols = dialog_table.main(
+            [bow_run, plain_run, f"--archive={archive}", f"--out={tmp_path / 'first'}", *flags]
+        )
     assert [c["label"] for c in cols] == ["CVAE C", "CVAE+BoW C"]
     table = (tmp_path / "first" / "table.md").read_text()
     assert "| | CVAE C (n=1) | CVAE+BoW C (n=1) |" in table
@@ -293,9 +305,6 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
     samples = (tmp_path / "first" / "samples.md").read_text()
     assert samples.count("## test row") == 2 and samples.count("sample 1 >>") == 4
     assert (tmp_path / "first" / "curves.png").stat().st_size > 0
-
-    def no_evaluation(*args):
-        raise AssertionError("evaluated again")
 
     monkeypatch.setattr(dialog_table, "evaluate_run", no_evaluation)
     dialog_table.main([str(archive), f"--out={tmp_path / 'again'}", *flags])
