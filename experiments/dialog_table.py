@@ -22,7 +22,8 @@ of the same checkpoint step and settings, in the archive or in the workdir (wher
 
 ``--archive DIR`` writes each run's record to ``DIR/<run>/``: ``config.json``,
 ``evaluations.json`` (its validation records, each with the β and learning rate of the step
-that produced the validated parameters, the early-stopping record where it stopped),
+that produced the validated parameters, the early-stopping record where it stopped, the last
+training record where it is later: the steps trained),
 ``eval_test.json`` and ``samples_test.txt.gz``; no checkpoint. ``dialog_table.py DIR``
 rebuilds everything from it once the workdirs are gone.
 
@@ -144,7 +145,8 @@ def schedule_values(config: dict, steps: Sequence[int]) -> tuple[list[float], li
 
 def workdir_evaluations(workdir: str, config: dict) -> tuple[list[dict], int]:
     """The validation records of ``metrics.jsonl`` (valid and test of a step merged, the
-    early-stop record joined to its step) with β and lr, and the steps trained."""
+    early-stop record joined to its step) with β and lr, then the last training record if
+    later; and the steps trained."""
     records = writers.read_metrics(workdir)
     by_step: dict[int, dict] = {}
     for r in records:
@@ -154,8 +156,11 @@ def workdir_evaluations(workdir: str, config: dict) -> tuple[list[dict], int]:
     betas, lrs = schedule_values(config, steps)
     for s, beta, lr in zip(steps, betas, lrs, strict=True):
         by_step[s].update(beta=beta, lr=lr)
-    trained = max((r["step"] for r in records), default=0)
-    return [by_step[s] for s in sorted(by_step)], trained
+    out = [by_step[s] for s in sorted(by_step)]
+    last = records[-1] if records else None
+    if last is not None and out and last["step"] > out[-1]["step"]:
+        out.append(last)  # the last training record: the steps trained, kept in the archive
+    return out, max((r["step"] for r in records), default=0)
 
 
 def read_json(path: str) -> Any:
@@ -188,7 +193,9 @@ def read_run(path: str) -> Run:
         evaluation = os.path.join(path, EVAL_JSON)
         if not os.path.exists(evaluation):
             raise ValueError(f"{path}: an archived run without {EVAL_JSON} (its test evaluation).")
-        best_step = int(read_json(evaluation)["checkpoint_info"]["step"])
+        best_step = read_json(evaluation).get("checkpoint_info", {}).get("step")
+        if not isinstance(best_step, int):
+            raise ValueError(f"{evaluation}: no checkpoint_info.step: expected an evaluation.")
         has_checkpoints = False
     else:
         raise ValueError(

@@ -297,7 +297,8 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
         ]  # fmt: skip
         # β and lr at each validation are those training logged at that step.
         logged = {r["step"]: r for r in dialog_table.writers.read_metrics(run) if "beta" in r}
-        evals = [r for r in json.loads((record / "evaluations.json").read_text()) if "beta" in r]
+        records = json.loads((record / "evaluations.json").read_text())
+        evals = [r for r in records if "valid_elbo" in r]
         assert evals and all("valid_rec_ppl" in r and "test_kl" in r for r in evals)
         for r in evals:
             assert r["beta"] == pytest.approx(logged[r["step"]]["beta"], abs=1e-6)
@@ -340,3 +341,35 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
         err = capsys.readouterr().err
         assert stop.value.code == 2 and expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "never").exists()
+
+
+def test_dialog_table_reads_a_workdirs_stop_best_validation_and_length(tmp_path):
+    """A workdir as training leaves it (hand-written): the early stop, the best checkpoint's
+    validation, β per validation from the schedule, and steps trained past the last one."""
+    import dialog_table  # experiments/dialog_table.py
+
+    config = swda_config.get_config("cvae_monotonic:1:6")  # β warm-up of round(10,000 · 6/5,148)
+    workdir = tmp_path / "swda-cvae_monotonic.seed-0"
+    (workdir / "best").mkdir(parents=True)
+    runs.save_config(config, str(workdir))
+    (workdir / "best" / "info.json").write_text(json.dumps({"step": 2}))
+    figures = {"elbo": -9.0, "kl": 1.0, "rec_ppl": 50.0}
+    records = [{"step": 1, "loss": 3.0, "beta": 0.0, "lr": 1e-3}]
+    for step in (2, 4):
+        records += [{"step": step, **{f"{s}_{k}": v for k, v in figures.items()}}
+                    for s in ("valid", "test")]  # fmt: skip
+    records += [{"step": 4, "early_stopped": 2}, {"step": 5, "loss": 2.0, "beta": 0.5, "lr": 1e-3}]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = dialog_table.read_run(str(workdir))
+    assert (run.variant, run.best_step, run.trained_steps) == ("cvae_monotonic", 2, 5)
+    assert run.early_stopped == 2 and dialog_table.validation_index(run) == 1
+    warmup = config.beta_schedule.warmup_steps
+    betas = [r.get("beta") for r in run.evaluations]
+    assert betas == pytest.approx([1 / warmup, 3 / warmup, 0.5])  # float32 schedules
+    assert "test_kl" in run.evaluations[0] and run.evaluations[-1]["step"] == 5
+    result = {"rec_ppl": 50.0, "kl": 1.0, "neg_elbo": 9.0, "contexts": 3, "num_samples": 5}
+    cols = dialog_table.columns([run], [result], list(dialog_table.VARIANTS))
+    note = dialog_table.caption(cols, [result], "")
+    assert "best at step 2 (validation 1 of 2), 5 of 6 steps trained" in note
+    assert "stopped early at validation 2" in note
+    assert "| BOW loss | — |" in dialog_table.markdown(cols)
