@@ -373,3 +373,23 @@ def test_dialog_table_reads_a_workdirs_stop_best_validation_and_length(tmp_path)
     assert "best at step 2 (validation 1 of 2), 5 of 6 steps trained" in note
     assert "stopped early at validation 2" in note
     assert "| BOW loss | — |" in dialog_table.markdown(cols)
+
+
+def test_dialog_table_states_the_claim_whichever_way_it_falls():
+    import dialog_table  # experiments/dialog_table.py
+
+    def col(variant, n, **figures):
+        stds = {f"{k}_std": (0.5 if n > 1 else None) for k in figures}
+        return {"variant": variant, "n": n, **figures, **stds}
+
+    base = {"rec_ppl": 40.0, "distinct1": 0.1, "distinct2": 0.2, "bleu4_f1": 0.1}
+    cols = [
+        col("cvae_monotonic", 2, kl=1.0, **base),
+        col("cvae_cyclical", 2, kl=1.2, **{**base, "rec_ppl": 45.0}),
+        col("cvae_bow_cyclical", 1, kl=9.0, **base),  # no monotonic partner: no line
+    ]
+    (line,) = dialog_table.claim(cols).splitlines()
+    assert line.startswith("- CVAE, C vs M (n = 2, 2):")
+    assert "KL(q ‖ p(z|c)) ↑ 1.2 vs 1: as claimed (higher) (within one std)" in line
+    assert "Rec-P ↓ 45 vs 40: not as claimed (lower);" in line
+    assert "BLEU-4 F 0.1 vs 0.1: as claimed (no worse)" in line
