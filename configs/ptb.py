@@ -9,6 +9,8 @@
     python -m vae_jax.main --config=configs/ptb.py:free_bits --workdir=runs/ptb_free_bits
     python -m vae_jax.main --config=configs/ptb.py:dg_vae --workdir=runs/ptb_dg_vae
     python -m vae_jax.main --config=configs/ptb.py:bn_vae --workdir=runs/ptb_bn_vae
+    python -m vae_jax.main --config=configs/ptb.py:cyclical_lr_constant --workdir=runs/ptb_cyc_lr1
+    python -m vae_jax.main --config=configs/ptb.py:monotonic_lr_restarts --workdir=runs/ptb_mono_lr
     python experiments/ptb_table.py runs/ptb_*                       # the Table 1 layout
 
 Reads Mikolov's ``ptb.{train,valid,test}.txt`` from ``config.data.data_dir`` (default
@@ -29,6 +31,10 @@ As the official PTB code (Fu et al.'s ``language_model``, from Kim et al.'s SA-V
   restarts with each cycle, updated per epoch: 1e-3 · 0.5 · (1 + cos(π ((epoch − 1) mod 10)/10)).
 - ``:monotonic``: β from 0.1 rising by 1/10 per epoch to 1 (after 9 epochs), then 1; lr 1e-3.
 - ``:constant``: β = 1 throughout; lr 1e-3.
+- ``:cyclical_lr_constant``, ``:monotonic_lr_restarts``: the other two cells of β schedule ×
+  learning rate (the official scripts tie cyclical β to the restarted cosine lr and monotonic
+  β to a constant one): cyclical β with lr 1e-3 throughout, and monotonic β with the cosine lr
+  restarted every 10 epochs (`configs/sweeps/ptb_ablation.py`).
 - ``:savae_cyclical``, ``:savae_monotonic``: SA-VAE (Kim et al. 2018; `vae_jax.savae`) with
   that schedule, the same sizes: K = 10 SVI steps of SGD with momentum 0.5 on each sentence's
   β-ELBO (β from the schedule), end-to-end training through them. The reference descends the
@@ -60,7 +66,10 @@ import ml_collections
 from vae_jax import models, objectives, savae
 
 CNN_LENGTH = 201  # the longest row after <s>: max_length words and </s>
-BASE = ("cyclical", "monotonic", "constant", "savae_size", "savae_cyclical", "savae_monotonic")
+BASE = (
+    "cyclical", "monotonic", "constant", "savae_size", "savae_cyclical", "savae_monotonic",
+    "cyclical_lr_constant", "monotonic_lr_restarts",
+)  # fmt: skip
 VARIANTS = BASE + tuple(
     f"{remedy}{suffix}"
     for remedy in objectives.REMEDIES
@@ -155,7 +164,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.best_metric = "ppl_bound"
     # Schedule fields are in epochs, converted to steps with the data's steps per epoch.
     config.schedule_unit = "epochs"
-    if variant in ("cyclical", "savae_size", "savae_cyclical"):
+    if variant in ("cyclical", "savae_size", "savae_cyclical", "cyclical_lr_constant"):
         config.beta_schedule = ml_collections.ConfigDict(
             {
                 "name": "cyclical",
@@ -176,7 +185,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
                 "steps_per_update": 1,  # one epoch: the reference updates lr per epoch
             }
         )
-    elif variant in ("monotonic", "savae_monotonic"):
+    elif variant in ("monotonic", "savae_monotonic", "monotonic_lr_restarts"):
         config.beta_schedule = ml_collections.ConfigDict(
             {"name": "monotonic", "warmup_steps": 9, "start": 0.1, "stop": 1.0}
         )
@@ -184,4 +193,9 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     else:
         config.beta_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1.0})
         config.lr_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1e-3})
+    # The β schedule and the learning rate's restarts apart (module docstring).
+    if variant == "cyclical_lr_constant":
+        config.lr_schedule = ml_collections.ConfigDict({"name": "constant", "value": 1e-3})
+    if variant == "monotonic_lr_restarts":
+        config.lr_schedule = get_config("cyclical").lr_schedule
     return config

@@ -131,12 +131,13 @@ def main() -> None:
         return worker(args.worker, args.warmup)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark import CONFIGS, alternate, round_ratios  # a worker: with its own vae_jax
+    from benchmark import CONFIGS, CVAE_CONFIGS, alternate, round_ratios  # a worker: own vae_jax
 
     if args.base is None:
         parser.error("BASE (a git revision, or '.') is required")
-    if args.config not in CONFIGS:
-        parser.error(f"--config: unknown {args.config!r}; known {list(CONFIGS)}")
+    if args.config not in {**CONFIGS, **CVAE_CONFIGS}:
+        known = [*CONFIGS, *CVAE_CONFIGS]
+        parser.error(f"--config: unknown {args.config!r}; known {known}")
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
     sides = {"base": args.base, "variant": args.variant}

@@ -260,6 +260,8 @@ def train_step_call(name: str) -> Callable[[], dict]:
     each call runs one step on the same random batch and returns its metrics (not waited for)."""
     if name in POPULATIONS:
         return population_step_call(name)
+    if name in CVAE_CONFIGS:
+        return cvae_step_call(name)
     base, kernels, dtype = VARIANTS.get(name, (name, "cpu", "float32"))
     emb, hidden, latent, vocab, batch, length = CONFIGS[base]
     config = model_config(emb, hidden, latent, kernels, dtype)
@@ -346,12 +348,18 @@ def random_dialog_batch(
     }
 
 
-def bench_cvae_step(name: str, steps: int, warmup: int) -> dict:
-    """`train.train_step` of the dialog CVAE (`vae_jax.cvae`) at ``CVAE_CONFIGS[name]``."""
+def _cvae(name: str):
     from vae_jax import cvae
 
+    vocab, topics = CVAE_CONFIGS[name][:2]
+    return cvae.CVAE(vocab_size=vocab, num_topics=topics)
+
+
+def cvae_step_call(name: str) -> Callable[[], dict]:
+    """`train.train_step` of the dialog CVAE (`vae_jax.cvae`, CVAE+BoW, the version's default
+    layers) at ``CVAE_CONFIGS[name]``, state carried over, as `train_step_call`."""
     vocab, topics, batch, length, context, utt = CVAE_CONFIGS[name]
-    model = cvae.CVAE(vocab_size=vocab, num_topics=topics)
+    model = _cvae(name)
     config = ml_collections.ConfigDict({"grad_clip_norm": 5.0, "loss_spike": {"window": 50}})
     beta_fn = lr_fn = lambda step: jnp.float32(1e-3)  # noqa: E731
     data = random_dialog_batch(vocab, topics, batch, length, context, utt)
@@ -366,7 +374,14 @@ def bench_cvae_step(name: str, steps: int, warmup: int) -> dict:
         holder["state"], metrics = p_step(holder["state"], sharded)
         return metrics
 
-    timing = time_calls(call, steps, warmup, rounds=min(steps, 5))
+    return call
+
+
+def bench_cvae_step(name: str, steps: int, warmup: int) -> dict:
+    """`cvae_step_call`'s step timed, its FLOPs counted (`cvae_step_flops`)."""
+    vocab, _, batch, length, context, utt = CVAE_CONFIGS[name]
+    model = _cvae(name)
+    timing = time_calls(cvae_step_call(name), steps, warmup, rounds=min(steps, 5))
     flops = cvae_step_flops(model, vocab, batch, length, context, utt)
     sizes = (model.emb_dim, model.dec_hidden_dim, model.latent_dim, batch, length)
     return {**summarize(name, sizes, timing, flops), "context": context, "utterance_length": utt}

@@ -138,7 +138,14 @@ def model_name(config: dict) -> str:
 
 
 def schedule_name(config: dict) -> str:
-    return config["beta_schedule"]["name"].replace("_", " ").capitalize()
+    """The β schedule's name, and the learning rate's where it is not the official pairing
+    (cyclical β with the restarted cosine lr, any other β with a constant lr)."""
+    beta = config["beta_schedule"]["name"]
+    lr = config.get("lr_schedule", {}).get("name", "constant")
+    name = beta.replace("_", " ").capitalize()
+    if lr != ("cyclical_cosine_lr" if beta == "cyclical" else "constant"):
+        name += ", lr " + ("restarts" if lr == "cyclical_cosine_lr" else lr.replace("_", " "))
+    return name
 
 
 def row(workdir: str, split: str, select: str, max_epoch: float | None = None) -> dict:

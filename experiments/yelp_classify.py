@@ -1,30 +1,49 @@
 """Table 3 of Fu et al. (2019): sentiment accuracy of a linear classifier on pre-trained features.
 
-    python experiments/yelp_classify.py runs/yelp_ae runs/yelp_monotonic runs/yelp_cyclical \
-        --out experiments/results/yelp [--sizes 100,500,1000,2000,10000,all] [--seeds 5]
-        [--steps 100000] [--checkpoint auto] [--finetune_encoder --steps 3000 --eval_every 500]
+    python experiments/yelp_classify.py runs/yelp/yelp-*.seed-*/ --out runs/yelp_classified \
+        [--protocol balanced|official] [--checkpoint best|last|<step>|epoch:<E>[,…]]
+        [--cycle_ends [E1,E2,…]] [--draws 5] [--sizes 100,500,1000,2000,10000,all]
+        [--steps 100000] [--epochs 3000] [--finetune_encoder --steps 3000 --eval_every 500]
 
-For each pre-trained run (`configs/yelp.py`; any workdir of a labelled corpus): the encoder's
-posterior mean μ(x) of every sentence (the encoder frozen, as in the official ``semi/*_ft.py``),
-then for each labelled-set size n and seed s a class-balanced draw of n training sentences
-(n/2 per class; ``all``: the whole training split) and a linear classifier p(y=1|x) =
-σ(wᵀμ(x) + b) trained on them with sigmoid cross-entropy, Adam 1e-4, minibatches of 32 drawn
-with replacement, for ``--steps`` steps; the dev accuracy is checked every ``--eval_every``
-steps and the test accuracy reported is the one at the best dev accuracy (the first such
-check). Every seed's classifier trains at once (`jax.vmap`). Writes ``<run name>.json`` per run,
-``table.md`` (mean ± std over seeds, with the test split's majority-class baseline) and
-``accuracy.png`` (test accuracy against n) under ``--out``.
+For each pre-trained run (`configs/yelp.py`; any workdir of a labelled corpus) and each checkpoint
+asked for: the encoder's posterior mean μ(x) of every sentence (the encoder frozen, as in the
+official ``semi/*_ft.py``), then a linear classifier p(y=1|x) = σ(wᵀf(x) + b) trained with
+sigmoid cross-entropy and Adam on ``--draws`` labelled sets at once (`jax.vmap`), the test
+accuracy reported being the one at the best dev accuracy (the first such check).
 
-``--finetune_encoder`` trains the encoder with the classifier (the paper's blog speaks of
-fine-tuning): the same loss, minibatches and model selection, the gradient reaching every
-encoder parameter (each seed its own copy, from the pre-trained values; the decoder is unused),
-μ(x) standardised with the labelled set's statistics under the pre-trained encoder. The run's
-JSON and the table say which protocol was used.
+``--protocol=balanced`` (default): for each size n in ``--sizes`` a class-balanced draw of n
+training sentences (n/2 per class; ``all``: the whole training split), f(x) = (μ(x) − m)/s with
+the labelled set's mean m and standard deviation s (a fixed-step optimiser then behaves the same
+whatever the features' scale), w = b = 0, lr 1e-4 constant, minibatches of 32 drawn with
+replacement for ``--steps`` steps, dev accuracy every ``--eval_every`` steps.
 
-Deviations from the official protocol: its labelled set is one random (not class-balanced)
-draw of 10% of the training split with one seed, it trains 1,000–3,000 epochs, and it feeds μ
-as it is; here each feature is standardised with the labelled set's mean and standard
-deviation (a fixed-step optimiser then behaves the same whatever the features' scale).
+``--protocol=official`` (``semi/semi_yelp_*_ft.py``): one random, not class-balanced, draw of
+⌊N/10⌋ of the N training sentences without replacement (4,440 of 44,409), f(x) = μ(x) raw,
+w ~ U(±√(6/(d+1))) (Xavier), b = 0.001, lr_t = 1e-4 · 0.99^(t / (100 E)) with E = ⌊n/32⌋ steps
+an epoch (TF's exponential decay, not staircase: × 0.99 per 100 epochs), ``--epochs`` (3,000)
+epochs of the labelled set reshuffled into E minibatches of 32 (the remainder dropped), dev and
+test accuracy after every epoch. Deviation: dev and test accuracy are over the whole splits (the
+official loop scores shuffled full minibatches of 32, leaving out up to 31 sentences).
+
+Checkpoints (``--checkpoint``, comma-separated): ``best`` (the run's ``best/``: lowest valid PPL
+bound, Rec for the autoencoder; the official selection), ``last``, a step, ``epoch:<E>`` (step
+E × steps an epoch, the runs keeping every ``config.checkpoint_keep_every_epochs``-th epoch);
+``auto`` (default of the balanced protocol) is best where saved, else last; the official
+protocol's default is best. ``--cycle_ends`` adds every kept epoch (10, 20, …, num_epochs) or
+the epochs listed. Every run and checkpoint is checked before any feature is computed: an unknown
+protocol, a missing checkpoint or an unlabelled corpus ends in one line naming what is missing
+and what exists.
+
+Writes ``<out>/<run>/<protocol>.<checkpoint>.json`` per run and checkpoint (reused when re-run
+with the same arguments at the same step), ``<out>/table.md`` (mean ± std over draws) and, for
+the balanced protocol, ``<out>/accuracy.png`` (test accuracy against n). `yelp_table.py` archives
+the runs beside these results and builds Table 3 over pre-training seeds.
+
+``--finetune_encoder`` (balanced protocol only) trains the encoder with the classifier (the
+paper's blog speaks of fine-tuning): the same loss, minibatches and model selection, the gradient
+reaching every encoder parameter (each draw its own copy, from the pre-trained values; the
+decoder is unused), μ(x) standardised with the labelled set's statistics under the pre-trained
+encoder.
 """
 
 from __future__ import annotations
@@ -33,14 +52,18 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax import host, models, runs
+from vae_jax import checkpoints, host, models, runs, writers
+from vae_jax.datasets import text
 
+PROTOCOLS = ("balanced", "official")
+OFFICIAL_FRACTION = 10  # percent of the training split the official labelled set draws
 SIZES = (100, 500, 1000, 2000, 10000, "all")
 
 
@@ -202,30 +225,287 @@ def fit_finetuned(
     return select_by_dev(subsets, setup, **fit)
 
 
-def classify_run(workdir: str, args) -> dict:
-    config, data, model, params, info = runs.load_run(workdir, args.checkpoint)
+# --- The official protocol (semi/semi_yelp_*_ft.py) -----------------------------------------
+
+
+def official_subsets(num_train: int, draws: int, seed: int) -> np.ndarray:
+    """(draws, ⌊num_train · 10/100⌋) indices: each row one uniform draw without replacement,
+    not class-balanced, as the official ``np.random.choice(N, N·10/100, replace=False)``."""
+    rng = np.random.default_rng(seed)
+    n = num_train * OFFICIAL_FRACTION // 100
+    return np.stack([rng.choice(num_train, n, replace=False) for _ in range(draws)])
+
+
+def official_lr(
+    lr: float, steps_per_epoch: int, decay_rate: float = 0.99, decay_epochs: int = 100
+) -> optax.Schedule:
+    """lr_t = lr · rate^(t / (decay_epochs · E)): TF's ``exponential_decay`` without staircase,
+    with the official ``decay_steps = int(epoch_t · decay_ep)``."""
+    return optax.exponential_decay(lr, steps_per_epoch * decay_epochs, decay_rate)
+
+
+def fit_official(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    subsets: np.ndarray,
+    dev: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    lr: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """One classifier p(y=1|μ) = σ(wᵀμ + b) on the raw features per row of ``subsets``, all at
+    once (`jax.vmap`): Adam with `official_lr`, each epoch the labelled set reshuffled into
+    ⌊n/32⌋ minibatches, then dev and test accuracy. Returns per row the best dev accuracy (the
+    first epoch reaching it: the official ``>``), that epoch (1-based), its test accuracy and the
+    last epoch's; and the parameters of the best epochs, {"w": (rows, d), "b": (rows,)}."""
+    x = jnp.asarray(train_x, jnp.float32)
+    y = jnp.asarray(train_y, jnp.float32)
+    dev_x, dev_y = jnp.asarray(dev[0], jnp.float32), jnp.asarray(dev[1])
+    test_x, test_y = jnp.asarray(test[0], jnp.float32), jnp.asarray(test[1])
+    n, d = subsets.shape[1], x.shape[1]
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"the official protocol needs at least {batch_size} labels, has {n}.")
+    tx = optax.adam(official_lr(lr, per_epoch))
+
+    def loss(p, xs, ys):
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(xs @ p["w"] + p["b"], ys))
+
+    def accuracy(p, xs, ys):
+        return jnp.mean(((xs @ p["w"] + p["b"]) > 0).astype(jnp.int32) == ys)
+
+    def run(subset, key):
+        xs, ys = x[subset], y[subset]
+        init_key, key = jax.random.split(key)
+        limit = np.sqrt(6.0 / (d + 1))  # Xavier uniform of a (d, 1) kernel
+        params = {"w": jax.random.uniform(init_key, (d,), minval=-limit, maxval=limit),
+                  "b": jnp.asarray(0.001)}  # fmt: skip
+
+        def step(carry, idx):
+            p, opt_state = carry
+            updates, opt_state = tx.update(jax.grad(loss)(p, xs[idx], ys[idx]), opt_state)
+            return (optax.apply_updates(p, updates), opt_state), None
+
+        def epoch(carry, e):
+            p, opt_state, best = carry
+            order = jax.random.permutation(jax.random.fold_in(key, e), n)
+            batches = order[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+            (p, opt_state), _ = jax.lax.scan(step, (p, opt_state), batches, unroll=2)
+            dev_acc = accuracy(p, dev_x, dev_y)
+            # Only the best epoch's test accuracy is reported: its parameters are kept and
+            # scored once at the end (the official loop scores the test split every epoch).
+            now = (dev_acc, e + 1, p)
+            best = jax.tree.map(lambda a, b: jnp.where(dev_acc > best[0], a, b), now, best)
+            return (p, opt_state, best), None
+
+        best = (jnp.asarray(-1.0), jnp.asarray(0), params)
+        (last, _, best), _ = jax.lax.scan(
+            epoch, (params, tx.init(params), best), jnp.arange(epochs)
+        )
+        dev_acc, at, kept = best
+        tests = accuracy(kept, test_x, test_y), accuracy(last, test_x, test_y)
+        return (dev_acc, tests[0], at, kept), tests[1]
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), subsets.shape[0])
+    (dev_best, test_at_best, at, params), last = jax.jit(jax.vmap(run))(jnp.asarray(subsets), keys)
+    probes = [
+        {"dev_acc": float(v), "test_acc": float(t), "epoch": int(e), "last_test_acc": float(z)}
+        for v, t, e, z in zip(dev_best, test_at_best, at, last, strict=True)
+    ]
+    return probes, jax.tree.map(np.asarray, params)
+
+
+# --- Which checkpoints, checked before any feature is computed ------------------------------
+
+
+class BadInput(ValueError):
+    """A protocol, run or checkpoint this script cannot score: one line says what and why."""
+
+
+def run_steps_per_epoch(workdir: str) -> int | None:
+    """Training steps an epoch, from the run's evaluation records (step / epoch)."""
+    path = os.path.join(workdir, runs.METRICS)
+    if not os.path.exists(path):
+        return None
+    for record in writers.read_metrics(workdir):
+        if record.get("epoch"):
+            return round(record["step"] / record["epoch"])
+    return None
+
+
+def saved_checkpoints(workdir: str) -> tuple[int | None, list[int], int | None]:
+    """(step of ``best/`` or None, the periodic checkpoints' steps, steps an epoch or None)."""
+    best = None
+    info = os.path.join(workdir, runs.BEST, checkpoints.INFO)
+    params = os.path.join(workdir, runs.BEST, checkpoints.PARAMS)
+    if os.path.exists(info) and os.path.exists(params):
+        with open(info, encoding="utf-8") as f:
+            best = json.load(f).get("step")
+    # orbax writes a checkpoint under a temporary name and renames it to its step once complete:
+    # the directories named by a number are the finished ones (listed without orbax's manager,
+    # whose read-only warnings would break the one-line errors below).
+    folder = os.path.join(workdir, checkpoints.CHECKPOINTS)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = sorted(int(n) for n in names if n.isdigit())
+    return best, steps, run_steps_per_epoch(workdir)
+
+
+def describe_saved(best: int | None, steps: list[int], per_epoch: int | None) -> str:
+    """What a run has, for an error: "best (step 88); epochs 1, 2; last step 88"."""
+    parts = [] if best is None else [f"best (step {best})"]
+    epochs = [s // per_epoch for s in steps if per_epoch and s % per_epoch == 0]
+    others = [s for s in steps if not (per_epoch and s % per_epoch == 0)]
+    if epochs:
+        parts.append("epochs " + ", ".join(map(str, epochs)))
+    if others:
+        parts.append("steps " + ", ".join(map(str, others)))
+    if steps:
+        parts.append(f"last step {steps[-1]}")
+    return "; ".join(parts) or "no checkpoint"
+
+
+def parse_checkpoint(name: str) -> str:
+    """``auto``, ``best``, ``last``, a step or ``epoch:<E>``, else `BadInput`."""
+    if name in ("auto", "best", "last") or name.isdigit():
+        return name
+    if name.startswith("epoch:") and name[6:].isdigit() and int(name[6:]) > 0:
+        return name
+    raise BadInput(f"--checkpoint={name}: not best, last, auto, a step or epoch:<E>.")
+
+
+def cycle_end_epochs(config, spec: str) -> list[int]:
+    """The epochs ``--cycle_ends`` asks for: those listed, or (``all``) every kept one,
+    k · checkpoint_keep_every_epochs ≤ num_epochs."""
+    if spec != "all":
+        epochs = spec.split(",")
+        if not all(e.isdigit() and int(e) > 0 for e in epochs):
+            raise BadInput(f"--cycle_ends={spec}: not a list of epochs such as 10,20,30.")
+        return [int(e) for e in epochs]
+    every = config.get("checkpoint_keep_every_epochs", 0)
+    if every <= 0 or config.get("num_epochs", -1) <= 0:
+        raise BadInput(
+            f"--cycle_ends: the run keeps no epochs (checkpoint_keep_every_epochs={every}, "
+            f"num_epochs={config.get('num_epochs')}); list them, e.g. --cycle_ends=10,20."
+        )
+    return list(range(every, config.num_epochs + 1, every))
+
+
+def resolve(workdir: str, wanted: list[str], protocol: str) -> list[tuple[str, str, int]]:
+    """(label, what `runs.load_run` is given, step) of each checkpoint ``wanted`` of a run;
+    `BadInput` naming what is missing and what exists, for a run of an unlabelled corpus or a
+    checkpoint it does not have."""
+    try:
+        config = runs.load_config(workdir)
+    except FileNotFoundError as e:
+        raise BadInput(str(e)) from None
+    spec = text.CORPORA.get(config.data.name)
+    if spec is None or not spec.labelled:
+        labelled = sorted(n for n, s in text.CORPORA.items() if s.labelled)
+        raise BadInput(f"{workdir}: its corpus {config.data.name!r} has no labels to classify; "
+                       f"labelled corpora: {', '.join(labelled)}.")  # fmt: skip
+    best, steps, per_epoch = saved_checkpoints(workdir)
+    have = describe_saved(best, steps, per_epoch)
+    out = []
+    for name in wanted:
+        if name == "auto":
+            name = "best" if best is not None else "last"
+        if name == "best":
+            if best is None:
+                raise BadInput(f"{workdir}: no best checkpoint ({runs.BEST}/) for --protocol="
+                               f"{protocol}; it has {have}.")  # fmt: skip
+            out.append(("best", "best", best))
+        elif name == "last":
+            if not steps:
+                raise BadInput(f"{workdir}: no periodic checkpoint for 'last'; it has {have}.")
+            out.append(("last", str(steps[-1]), steps[-1]))
+        elif name.startswith("epoch:"):
+            epoch = int(name[6:])
+            if per_epoch is None or epoch * per_epoch not in steps:
+                where = f" (step {epoch * per_epoch})" if per_epoch else ""
+                raise BadInput(f"{workdir}: no checkpoint at the end of epoch {epoch}{where} "
+                               f"for --protocol={protocol}; it has {have}.")  # fmt: skip
+            out.append((f"epoch-{epoch}", str(epoch * per_epoch), epoch * per_epoch))
+        else:
+            if int(name) not in steps:
+                raise BadInput(f"{workdir}: no checkpoint at step {name}; it has {have}.")
+            out.append((f"step-{int(name)}", str(int(name)), int(name)))
+    return out
+
+
+def wanted_checkpoints(workdir: str, args) -> list[str]:
+    """The checkpoint names ``--checkpoint`` and ``--cycle_ends`` ask of a run."""
+    names = [] if args.checkpoint is None else args.checkpoint.split(",")
+    if args.cycle_ends:
+        epochs = cycle_end_epochs(runs.load_config(workdir), args.cycle_ends)
+        names += [f"epoch:{e}" for e in epochs]
+    if not names:
+        names = ["best" if args.protocol == "official" else "auto"]
+    return [parse_checkpoint(n) for n in dict.fromkeys(names)]
+
+
+def preflight(args) -> dict[str, list[tuple[str, str, int]]]:
+    """Every run's checkpoints to score (`resolve`), all checked before any is scored."""
+    if args.protocol not in PROTOCOLS:
+        raise BadInput(f"--protocol={args.protocol}: unknown; protocols: {', '.join(PROTOCOLS)}.")
+    if args.protocol == "official" and args.finetune_encoder:
+        raise BadInput("--finetune_encoder: only with --protocol=balanced.")
+    plan = {}
+    for workdir in args.workdirs:
+        if not os.path.exists(os.path.join(workdir, runs.CONFIG)):
+            raise BadInput(f"{workdir}: not a run (no {runs.CONFIG}).")
+        plan[workdir] = resolve(workdir, wanted_checkpoints(workdir, args), args.protocol)
+    return plan
+
+
+# --- One run at one checkpoint ------------------------------------------------------------------
+
+
+def classify(workdir: str, load: str, label: str, args) -> dict:
+    """The result of ``args.protocol`` on the features of one checkpoint of one run (``load``,
+    for `runs.load_run`; ``label``: its name in results, e.g. ``best`` or ``epoch-10``)."""
+    start = time.time()
+    config, data, model, params, info = runs.load_run(workdir, load)
+    print(f"{workdir}: features at checkpoint {load} (step {info.get('step')})", file=sys.stderr)
     if args.finetune_encoder:
-        train_xy = rows(train_batches(data))
+        train_x, train_y = rows(train_batches(data))
         dev, test = rows(data.eval_splits["valid"]), rows(data.eval_splits["test"])
-        train_x, train_y = train_xy
     else:
         train_x, train_y = features(model, params, train_batches(data))
         dev = features(model, params, data.eval_splits["valid"])
         test = features(model, params, data.eval_splits["test"])
+    seconds = {"features": time.time() - start}
     majority = float(max(np.mean(test[1]), 1 - np.mean(test[1])))
     result = {
         "workdir": workdir,
-        "checkpoint": info["checkpoint"],
+        "checkpoint": label,
         "checkpoint_step": info.get("step"),
+        "checkpoint_epoch": info.get("epoch"),
         "beta_schedule": config.beta_schedule.name,
         "deterministic": bool(config.model.get("deterministic", False)),
         "objective": config.get("objective", "beta_elbo"),
         "init_from": config.get("init_from", ""),
+        "seed": config.get("seed"),
         "test_majority_baseline": majority,
-        "protocol": "encoder fine-tuned" if args.finetune_encoder else "encoder frozen",
+        "train_size": len(train_y),
+        "protocol": args.protocol,
+        "encoder": "fine-tuned" if args.finetune_encoder else "frozen",
         "sizes": {},
     }
-    for size in args.sizes:
+    if args.protocol == "official":
+        start = time.time()
+        subsets = official_subsets(len(train_y), args.seeds, args.seed)
+        probes, _ = fit_official(
+            train_x, train_y, subsets, dev, test, epochs=args.epochs, lr=args.lr, seed=args.seed
+        )
+        seconds["classifier"] = time.time() - start
+        result["sizes"][f"{OFFICIAL_FRACTION}%"] = summary(subsets, probes)
+        result["label_fraction"] = [float(np.mean(train_y[s])) for s in subsets]
+        report(workdir, load, f"{OFFICIAL_FRACTION}%", probes)
+    for size in args.sizes if args.protocol == "balanced" else ():
+        start = time.time()
         rng = np.random.default_rng(args.seed)
         if size == "all":
             subsets = np.tile(np.arange(len(train_y)), (args.seeds, 1))
@@ -236,15 +516,31 @@ def classify_run(workdir: str, args) -> dict:
             probes = fit_finetuned(model, params, (train_x, train_y), subsets, dev, test, **fit)
         else:
             probes = fit_probes(train_x, train_y, subsets, dev, test, **fit)
-        accs = [p["test_acc"] for p in probes]
-        result["sizes"][str(size)] = {
-            "n": int(subsets.shape[1]),
-            "test_acc_mean": float(np.mean(accs)),
-            "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
-            "probes": probes,
-        }
-        print(f"{workdir} n={size}: test acc {np.mean(accs):.4f} ± {np.std(accs):.4f}", flush=True)
+        seconds[f"classifier n={size}"] = time.time() - start
+        result["sizes"][str(size)] = summary(subsets, probes)
+        report(workdir, load, size, probes)
+    result["seconds"] = seconds
     return result
+
+
+def summary(subsets: np.ndarray, probes: list[dict]) -> dict:
+    """Mean and standard deviation (ddof 1) of the test accuracy over the draws."""
+    accs = [p["test_acc"] for p in probes]
+    return {
+        "n": int(subsets.shape[1]),
+        "test_acc_mean": float(np.mean(accs)),
+        "test_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
+        "probes": probes,
+    }
+
+
+def report(workdir: str, load: str, size, probes: list[dict]) -> None:
+    accs = [p["test_acc"] for p in probes]
+    print(f"{workdir} @{load} n={size}: test acc {np.mean(accs):.4f} ± {np.std(accs):.4f}",
+          flush=True)  # fmt: skip
+
+
+# --- The invocation's table ---------------------------------------------------------------------
 
 
 def run_label(result: dict) -> str:
@@ -253,28 +549,47 @@ def run_label(result: dict) -> str:
         name += " + " + result["objective"].replace("_", " ")
     if result.get("init_from"):
         name += f" (from {os.path.basename(os.path.normpath(result['init_from']))})"
-    if result.get("protocol") == "encoder fine-tuned":
+    if result.get("encoder") == "fine-tuned" or result.get("protocol") == "encoder fine-tuned":
         name += " (fine-tuned)"
     return name
 
 
+def protocol_of(result: dict) -> str:
+    """``balanced`` or ``official``; results from before the official protocol are balanced."""
+    return result.get("protocol") if result.get("protocol") in PROTOCOLS else "balanced"
+
+
 def table(results: list[dict]) -> str:
-    sizes = list(results[0]["sizes"])
-    lines = [
-        "| features | " + " | ".join(f"n = {s}" for s in sizes) + " |",
-        "|---|" + "---:|" * len(sizes),
-    ]
-    for r in results:
-        cells = []
-        for s in sizes:
-            mean, std = r["sizes"][s]["test_acc_mean"], r["sizes"][s]["test_acc_std"]
-            cells.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else ""))
-        lines.append(f"| {run_label(r)} | " + " | ".join(cells) + " |")
+    """One Markdown table per protocol: a row per run and checkpoint, mean ± std over draws."""
+    blocks = []
+    for protocol in PROTOCOLS:
+        chosen = [r for r in results if protocol_of(r) == protocol]
+        if not chosen:
+            continue
+        sizes = list(dict.fromkeys(s for r in chosen for s in r["sizes"]))
+        lines = [
+            f"{protocol} protocol\n",
+            "| features | run | checkpoint | " + " | ".join(f"n = {s}" for s in sizes) + " |",
+            "|---|---|---|" + "---:|" * len(sizes),
+        ]
+        for r in chosen:
+            cells = []
+            for s in sizes:
+                if s not in r["sizes"]:
+                    cells.append("—")
+                    continue
+                mean, std = r["sizes"][s]["test_acc_mean"], r["sizes"][s]["test_acc_std"]
+                spread = "" if std is None else f" ± {100 * std:.1f}"
+                cells.append(f"{100 * mean:.1f}{spread}")
+            name = os.path.basename(os.path.normpath(r["workdir"]))
+            where = f"{r['checkpoint']} (step {r['checkpoint_step']})"
+            lines.append(f"| {run_label(r)} | {name} | {where} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
     majority = results[0]["test_majority_baseline"]
-    lines.append(
-        f"\nTest accuracy (%) at the best dev accuracy; majority class {100 * majority:.1f}%."
+    return "\n\n".join(blocks) + (
+        f"\n\nTest accuracy (%) at the best dev accuracy, mean ± std over label draws; "
+        f"majority class {100 * majority:.1f}%."
     )
-    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -288,7 +603,8 @@ def plot(results: list[dict], path: str) -> None:
         ns = [v["n"] for v in r["sizes"].values()]
         means = np.array([v["test_acc_mean"] for v in r["sizes"].values()])
         stds = np.array([v["test_acc_std"] or 0.0 for v in r["sizes"].values()])
-        ax.errorbar(ns, 100 * means, yerr=100 * stds, label=run_label(r), capsize=3, marker="o")
+        label = f"{run_label(r)} @{r['checkpoint']}"
+        ax.errorbar(ns, 100 * means, yerr=100 * stds, label=label, capsize=3, marker="o")
     ax.axhline(100 * results[0]["test_majority_baseline"], color="gray", ls=":", label="majority")
     ax.set_xscale("log")
     ax.set_xlabel("labelled training sentences")
@@ -311,66 +627,89 @@ def parse_sizes(text: str) -> list:
     return sizes
 
 
+def result_path(out: str, workdir: str, protocol: str, label: str) -> str:
+    """``<out>/<run>/<protocol>.<checkpoint label>.json``."""
+    name = os.path.basename(os.path.normpath(workdir))
+    return os.path.join(out, name, f"{protocol}.{label}.json")
+
+
 def recorded_args(args) -> dict:
     return {k: str(v) for k, v in vars(args).items()}
 
 
 def _settings(recorded: dict) -> dict:
-    """What decides a run's result: every argument but the list of runs and --out."""
-    return {k: v for k, v in recorded.items() if k not in ("workdirs", "out")}
+    """What decides a result besides its run and checkpoint: every argument but the runs, the
+    checkpoints asked for and --out."""
+    skip = ("workdirs", "out", "checkpoint", "cycle_ends")
+    return {k: v for k, v in recorded.items() if k not in skip}
 
 
-def previous_result(path: str, workdir: str, args) -> dict | None:
-    """The result at ``path`` if it was computed for ``workdir`` with the same arguments (the
-    list of workdirs and --out aside), so that re-running a table with one run added only
-    classifies that run."""
+def previous_result(path: str, workdir: str, step: int, args) -> dict | None:
+    """The result at ``path`` if it was computed for ``workdir`` at ``step`` with the same
+    arguments, so that re-running a table with a run or a cycle end added only scores that."""
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         previous = json.load(f)
     same = _settings(previous.get("args", {})) == _settings(recorded_args(args))
-    if previous.get("workdir") != workdir or not same:
+    if previous.get("workdir") != workdir or previous.get("checkpoint_step") != step or not same:
         return None
     return previous
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+", help="Pre-trained runs (configs/yelp.py).")
     parser.add_argument("--out", required=True)
+    # Checked by `preflight`, so that a bad name ends in one line like every other bad input.
+    parser.add_argument("--protocol", default="balanced", help=" or ".join(PROTOCOLS))
     parser.add_argument("--sizes", type=parse_sizes, default=list(SIZES))
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--draws", "--seeds", dest="seeds", type=int, default=5,
+                        help="Labelled sets drawn per size (and classifiers trained).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--eval_every", type=int, default=1_000)
+    parser.add_argument("--steps", type=int, default=100_000, help="Balanced protocol.")
+    parser.add_argument("--eval_every", type=int, default=1_000, help="Balanced protocol.")
+    parser.add_argument("--epochs", type=int, default=3_000, help="Official protocol.")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--checkpoint", default="auto")
+    parser.add_argument("--checkpoint", help="best, last, auto, <step>, epoch:<E>; comma-separated")
+    parser.add_argument("--cycle_ends", nargs="?", const="all",
+                        help="Also every kept epoch (no value), or the epochs listed.")  # fmt: skip
     parser.add_argument(
         "--finetune_encoder", action="store_true", help="Train the encoder with the classifier."
     )
-    args = parser.parse_args()
-    if args.seeds < 1 or args.steps < args.eval_every or args.eval_every < 1:
-        parser.error("need --seeds >= 1 and --steps >= --eval_every >= 1")
+    args = parser.parse_args(argv)
+    if args.seeds < 1 or args.steps < args.eval_every or args.eval_every < 1 or args.epochs < 1:
+        parser.error("need --draws >= 1, --epochs >= 1 and --steps >= --eval_every >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    try:
+        plan = preflight(args)
+    except BadInput as e:
+        sys.exit(f"yelp_classify: {e}")
     host.tune_cpu_host()
-    os.makedirs(args.out, exist_ok=True)
     results = []
-    for workdir in args.workdirs:
-        name = os.path.basename(os.path.normpath(workdir))
-        path = os.path.join(args.out, f"{name}.json")
-        result = previous_result(path, workdir, args)
-        if result is None:
-            result = classify_run(workdir, args)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump({**result, "args": recorded_args(args)}, f, indent=1)
-        else:
-            print(f"{workdir}: reusing {path} (same arguments)", file=sys.stderr)
-        results.append(result)
-    text = table(results)
-    print(text)
+    for workdir, chosen in plan.items():
+        for label, load, step in chosen:
+            path = result_path(args.out, workdir, args.protocol, label)
+            result = previous_result(path, workdir, step, args)
+            if result is None:
+                result = classify(workdir, load, label, args)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump({**result, "args": recorded_args(args)}, f, indent=1)
+            else:
+                print(f"{workdir}: reusing {path} (same arguments and step)", file=sys.stderr)
+            results.append(result)
+    text_ = table(results)
+    print(text_)
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    plot(results, os.path.join(args.out, "accuracy.png"))
-    print(f"wrote {args.out}/table.md, accuracy.png", file=sys.stderr)
+        f.write(text_ + "\n")
+    if args.protocol == "balanced":
+        plot(results, os.path.join(args.out, "accuracy.png"))
+    print(f"wrote {args.out}/table.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

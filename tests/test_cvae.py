@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import cvae, forward, objectives
+from vae_jax import cvae, forward, kernels, objectives
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
 V, TOPICS = 40, 5
@@ -61,14 +61,16 @@ def test_kl_to_the_prior_is_the_gaussian_kl():
     np.testing.assert_allclose(standard, objectives.gaussian_kl_per_dim(mu, logvar), rtol=1e-5)
 
 
-def test_gru_scan_matches_a_step_loop_and_holds_state_after_the_length():
+@pytest.mark.parametrize("scan", [kernels.gru_scan, kernels.plain_gru_scan])
+def test_gru_scan_matches_a_step_loop_and_holds_state_after_the_length(scan):
     rng = np.random.default_rng(2)
     b, t, d, h = 3, 5, 4, 6
     x = rng.normal(size=(b, t, d)).astype(np.float32)
     w_x, w_h = rng.normal(size=(d, 3 * h)) * 0.3, rng.normal(size=(h, 3 * h)) * 0.3
     b_x, b_h = rng.normal(size=3 * h) * 0.1, rng.normal(size=3 * h) * 0.1
     lengths = np.array([5, 2, 0])
-    hs, last = cvae.gru_scan(jnp.asarray(x @ w_x + b_x), w_h, b_h, jnp.zeros((b, h)), lengths)
+    w_h, b_h = jnp.asarray(w_h, jnp.float32), jnp.asarray(b_h, jnp.float32)
+    hs, last = scan(jnp.asarray(x @ w_x + b_x, jnp.float32), w_h, b_h, jnp.zeros((b, h)), lengths)
 
     def sigmoid(v):
         return 1 / (1 + np.exp(-v))
@@ -82,6 +84,42 @@ def test_gru_scan_matches_a_step_loop_and_holds_state_after_the_length():
             state = (1 - u) * n + u * state
         np.testing.assert_allclose(last[i], state, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(hs[i, -1], state, rtol=1e-4, atol=1e-5)
+
+
+def test_gru_scan_backward_pass_matches_jax_grad():
+    """The written-out backward pass (`kernels.gru_scan`) against JAX's of the same scan
+    (`kernels.plain_gru_scan`): every input's gradient, with rows stopping early (held
+    states), a row of length 0 and gradients reaching both the states and the last state."""
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    b, t, h = 5, 7, 6
+    gates = jax.random.normal(keys[0], (b, t, 3 * h))
+    w_h = 0.3 * jax.random.normal(keys[1], (h, 3 * h))
+    b_h = 0.1 * jax.random.normal(keys[2], (3 * h,))
+    h0 = jax.random.normal(keys[3], (b, h))
+    lengths = jnp.array([7, 3, 1, 0, 5])
+    weights_hs, weights_last = (
+        jax.random.normal(keys[4], (b, t, h)),
+        jax.random.normal(keys[5], (b, h)),
+    )
+
+    def loss(scan):
+        def f(*args):
+            hs, last = scan(*args, lengths)
+            return jnp.sum(hs * weights_hs) + jnp.sum(jnp.sin(last) * weights_last)
+
+        return f
+
+    args = (gates, w_h, b_h, h0)
+    np.testing.assert_allclose(
+        loss(kernels.gru_scan)(*args), loss(kernels.plain_gru_scan)(*args), rtol=1e-6
+    )
+    got = jax.grad(loss(kernels.gru_scan), argnums=(0, 1, 2, 3))(*args)
+    want = jax.grad(loss(kernels.plain_gru_scan), argnums=(0, 1, 2, 3))(*args)
+    for name, g, w in zip(("gates", "w_h", "b_h", "h0"), got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    # Row 3 (length 0) holds h0 throughout: its gradient is every state's weight, passed on.
+    held = weights_hs[3].sum(0) + weights_last[3] * jnp.cos(h0[3])
+    np.testing.assert_allclose(got[3][3], held, rtol=1e-5, atol=1e-6)
 
 
 def test_reverse_within_reverses_only_the_true_steps():

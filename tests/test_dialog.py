@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import swda as swda_config  # configs/swda.py
 from conftest import run_python
 
-from vae_jax import config_checks, input_pipeline, runs, train
+from vae_jax import config_checks, early_stopping, input_pipeline, runs, train
 from vae_jax.datasets import swda, text
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
 
@@ -109,7 +110,44 @@ def test_shortened_variant_scales_both_schedules():
     assert short.beta_schedule.warmup_steps == round(10_000 / 3)
     assert full.beta_schedule.warmup_steps == 10_000 and full.eval_every_steps == 1716
     cyc = swda_config.get_config("cyclical")
-    assert cyc.beta_schedule.total_steps == 10 * 5148 and cyc.beta_schedule.ratio == 2 / 3
+    # At most 60 validations of 1,716 steps (the official max_epoch): 20 cycles.
+    assert cyc.beta_schedule.total_steps == 20 * 5148 == 60 * cyc.eval_every_steps
+    assert cyc.beta_schedule.ratio == 2 / 3
+
+
+def test_four_variants_of_table_2():
+    for name, bow, beta in (
+        ("cvae_monotonic", False, "monotonic"), ("cvae_cyclical", False, "cyclical"),
+        ("cvae_bow_monotonic", True, "monotonic"), ("cvae_bow_cyclical", True, "cyclical"),
+        ("cyclical", True, "cyclical"),  # the older name of cvae_bow_cyclical
+    ):  # fmt: skip
+        config = swda_config.get_config(name)
+        assert config.model.use_bow is bow and config.beta_schedule.name == beta, name
+        assert config.early_stopping.patience == 10
+    with pytest.raises(ValueError, match="variant must be one of"):
+        swda_config.get_config("cvae_bow")
+
+
+def test_early_stopping_rule_by_hand():
+    """The official rule: patience 3, a new best must beat the threshold by 0.4% to raise the
+    patience to 2·v; a small improvement is a new best but leaves the patience."""
+    config = swda_config.get_config("tiny")
+    config.early_stopping.patience = 3
+    state = early_stopping.init(config)
+    trace = []
+    for loss in (100.0, 90.0, 89.9, 89.8, 95.0, 89.0, 91.0, 92.0, 93.0):
+        state = early_stopping.update(state, loss, config)
+        trace.append((state.patience, state.best, state.stopped))
+    # v=1: 100 (patience max(3, 2)); v=2: 90 ≤ 99.6 → 4; v=3, 4: new bests within 0.4% of 90;
+    # v=5: worse; v=6: 89 ≤ 89.64 → 12; then no improvement: stop at v = 12 (not reached).
+    assert [t[0] for t in trace] == [3, 4, 4, 4, 4, 12, 12, 12, 12]
+    assert trace[3][1] == 89.8 and trace[-1][1] == 89.0 and not trace[-1][2]
+    state = early_stopping.init(config)
+    for v, loss in enumerate((100.0, 99.9, 99.8), start=1):
+        state = early_stopping.update(state, loss, config)
+        assert state.stopped == (v == 3)  # patience 3, never raised past 2
+    records = [{"valid_elbo": -x, "step": i} for i, x in enumerate((100.0, 99.9, 99.8))]
+    assert early_stopping.replay(records + [{"loss": 1.0}], config) == state
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +181,54 @@ def test_training_logs_the_dialog_figures_and_resumes_exactly(trained):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.fixture(scope="module")
+def plain(trained):
+    """A tiny plain CVAE (no bag-of-words head), 4 steps on the module's TFDS build."""
+    config = tiny_config(trained[3], steps=4)
+    config.model.use_bow = False
+    workdir = str(trained[3] / "plain")
+    return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+@needs_swda
+def test_plain_cvae_has_no_bag_of_words_head_or_loss(plain):
+    _, workdir, state = plain
+    assert not any(name.startswith("bow_") for name in state.params)
+    assert {"dec_out", "recog", "prior_out"} <= set(state.params)
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    logged = [r for r in records if "loss" in r]
+    assert logged and not any("bow" in r or "valid_bow" in r for r in records)
+    for r in logged:  # the objective is Rec + β·KL alone (means over the logged steps)
+        assert r["loss"] == pytest.approx(r["rec"] + r["beta"] * r["kl"], rel=1e-3)
+    assert any("valid_rec_ppl" in r for r in records)
+
+
+@needs_swda
+def test_early_stopping_stops_resumes_exactly_and_stays_stopped(trained, tmp_path):
+    """Patience 2 and a threshold of half the loss: the second validation (step 4, every 2
+    steps) cannot raise the patience, so the run stops there, checkpointed, and a rerun has
+    nothing to train; a run cut after its first validation resumes to the same end."""
+
+    def config(steps=12):
+        c = tiny_config(trained[3], steps)  # the module's TFDS build
+        c.early_stopping.update(patience=2, improve_threshold=0.5)
+        return c
+
+    straight = train.train_and_evaluate(config(), str(tmp_path / "straight"))
+    records = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "early_stopped" in r] == [4]
+    assert max(r["step"] for r in records) == 4
+    assert int(straight.step) == 4
+    again = train.train_and_evaluate(config(), str(tmp_path / "straight"))
+    assert int(again.step) == 4
+    assert len(open(tmp_path / "straight" / "metrics.jsonl").readlines()) == len(records)
+    train.train_and_evaluate(config(steps=2), str(tmp_path / "cut"))
+    resumed = train.train_and_evaluate(config(), str(tmp_path / "cut"), allow_config_change=True)
+    assert int(resumed.step) == 4
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @needs_swda
 def test_evaluate_and_generate_on_a_dialog_run(trained):
     _, workdir, _, tmp = trained
@@ -171,18 +257,139 @@ def test_evaluate_and_generate_on_a_dialog_run(trained):
 
 
 @needs_swda
-def test_dialog_table_writes_table_2s_layout(trained):
-    _, workdir, _, tmp = trained
-    out_dir = tmp / "table"
-    out = run_python(
-        ["experiments/dialog_table.py", workdir, f"--out={out_dir}", "--checkpoint=last",
-         "--max_contexts=6", "--num_samples=2", "--show=2"]
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    table = (out_dir / "table.md").read_text()
-    assert "| Rec-P ↓ |" in table and "| BLEU-4 F |" in table and "stand-in" in table
-    assert "A-bow" not in table.split("\n\n")[0]  # no word vectors: no such rows
-    result = json.loads((out_dir / "cvae_cyclical.json").read_text())
-    assert result["contexts"] == 6 and result["trained_steps"] == 12
-    assert (out_dir / "curves.png").exists()
-    assert (out_dir / "samples.md").read_text().count("sample 1 >>") == 2
+def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
+    trained, plain, tmp_path, monkeypatch, capsys
+):
+    """Table 2 from a CVAE+BoW and a plain-CVAE run, each evaluated once, archived and rebuilt
+    from the archive alone; a second seed gives mean ± std; bad input ends in one line."""
+    import dialog_table  # experiments/dialog_table.py
+
+    bow_run, plain_run = trained[1], plain[1]
+    archive = tmp_path / "archive"
+    flags = ["--max_contexts=4", "--num_samples=2", "--show=2"]
+    # Without --archive the test evaluation goes to the workdir, as vae_jax.evaluate's does…
+    dialog_table.main([bow_run, plain_run, f"--out={tmp_path / 'first'}", *flags])
+    for run in (bow_run, plain_run):
+        assert json.load(open(os.path.join(run, "eval_test.json")))["max_contexts"] == 4
+        assert os.path.exists(os.path.join(run, "samples_test.txt"))
+
+    def no_evaluation(*args):
+        raise AssertionError("evaluated again")
+
+    # …and is reused from there (same best step and settings) when archiving.
+    with monkeypatch.context() as patch:
+        patch.setattr(dialog_table, "evaluate_run", no_evaluation)
+        cols = dialog_table.main(
+            [bow_run, plain_run, f"--archive={archive}", f"--out={tmp_path / 'first'}", *flags]
+        )
+    assert [c["label"] for c in cols] == ["CVAE C", "CVAE+BoW C"]
+    table = (tmp_path / "first" / "table.md").read_text()
+    assert "| | CVAE C (n=1) | CVAE+BoW C (n=1) |" in table
+    bow_cells = next(x for x in table.splitlines() if x.startswith("| BOW loss |")).split("|")
+    assert bow_cells[2].strip() == "—" and bow_cells[3].strip() != "—"
+    for label in ("Rec-P ↓", "−ELBO", "BLEU-4 F", "distinct-2"):
+        assert f"| {label} |" in table
+    assert "stand-in" in table and "best at step" in table and "no early stop" in table
+    for run in (bow_run, plain_run):
+        record = archive / os.path.basename(run)
+        assert sorted(os.listdir(record)) == [
+            "config.json", "eval_test.json", "evaluations.json", "samples_test.txt.gz"
+        ]  # fmt: skip
+        # β and lr at each validation are those training logged at that step.
+        logged = {r["step"]: r for r in dialog_table.writers.read_metrics(run) if "beta" in r}
+        records = json.loads((record / "evaluations.json").read_text())
+        evals = [r for r in records if "valid_elbo" in r]
+        assert evals and all("valid_rec_ppl" in r and "test_kl" in r for r in evals)
+        for r in evals:
+            assert r["beta"] == pytest.approx(logged[r["step"]]["beta"], abs=1e-6)
+            assert r["lr"] == pytest.approx(logged[r["step"]]["lr"], rel=1e-5)
+    samples = (tmp_path / "first" / "samples.md").read_text()
+    assert samples.count("## test row") == 2 and samples.count("sample 1 >>") == 4
+    assert (tmp_path / "first" / "curves.png").stat().st_size > 0
+
+    monkeypatch.setattr(dialog_table, "evaluate_run", no_evaluation)
+    dialog_table.main([str(archive), f"--out={tmp_path / 'again'}", *flags])
+    for name in ("table.md", "samples.md"):
+        assert (tmp_path / "again" / name).read_text() == (tmp_path / "first" / name).read_text()
+
+    # A second seed of CVAE+BoW (a copy of the record with seed 1 and its KL one nat higher).
+    seed1 = tmp_path / "more" / "run.seed-1"
+    shutil.copytree(archive / os.path.basename(bow_run), seed1)
+    for name, key, delta in (("config.json", "seed", 1), ("eval_test.json", "kl", 1.0)):
+        record = json.loads((seed1 / name).read_text())
+        record[key] += delta
+        (seed1 / name).write_text(json.dumps(record))
+    cols = dialog_table.main(
+        [str(archive), str(tmp_path / "more"), f"--out={tmp_path / 'seeds'}", *flags]
+    )
+    assert [c["n"] for c in cols] == [1, 2] and cols[1]["kl_std"] == pytest.approx(2**-0.5)
+    kl = cols[1]["kl"]
+    assert f"{kl:.3f} ± 0.707" in (tmp_path / "seeds" / "table.md").read_text()
+
+    plain_copy = tmp_path / "bad" / "plain"
+    shutil.copytree(archive / os.path.basename(plain_run), plain_copy)
+    result = json.loads((plain_copy / "eval_test.json").read_text())
+    (plain_copy / "eval_test.json").write_text(json.dumps({**result, "bow": 1.0}))
+    capsys.readouterr()
+    for argv, expected in (
+        ([str(tmp_path / "nowhere")], "nowhere: not a run"),
+        ([str(archive), "--variants=cvae_bow"], "--variants: unknown ['cvae_bow']"),
+        ([str(plain_copy)], "eval_test.json: has 'bow' but config.model.use_bow=False"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            dialog_table.main([*argv, f"--out={tmp_path / 'never'}", *flags])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "never").exists()
+
+
+def test_dialog_table_reads_a_workdirs_stop_best_validation_and_length(tmp_path):
+    """A workdir as training leaves it (hand-written): the early stop, the best checkpoint's
+    validation, β per validation from the schedule, and steps trained past the last one."""
+    import dialog_table  # experiments/dialog_table.py
+
+    config = swda_config.get_config("cvae_monotonic:1:6")  # β warm-up of round(10,000 · 6/5,148)
+    workdir = tmp_path / "swda-cvae_monotonic.seed-0"
+    (workdir / "best").mkdir(parents=True)
+    runs.save_config(config, str(workdir))
+    (workdir / "best" / "info.json").write_text(json.dumps({"step": 2}))
+    figures = {"elbo": -9.0, "kl": 1.0, "rec_ppl": 50.0}
+    records = [{"step": 1, "loss": 3.0, "beta": 0.0, "lr": 1e-3}]
+    for step in (2, 4):
+        records += [{"step": step, **{f"{s}_{k}": v for k, v in figures.items()}}
+                    for s in ("valid", "test")]  # fmt: skip
+    records += [{"step": 4, "early_stopped": 2}, {"step": 5, "loss": 2.0, "beta": 0.5, "lr": 1e-3}]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = dialog_table.read_run(str(workdir))
+    assert (run.variant, run.best_step, run.trained_steps) == ("cvae_monotonic", 2, 5)
+    assert run.early_stopped == 2 and dialog_table.validation_index(run) == 1
+    warmup = config.beta_schedule.warmup_steps
+    betas = [r.get("beta") for r in run.evaluations]
+    assert betas == pytest.approx([1 / warmup, 3 / warmup, 0.5])  # float32 schedules
+    assert "test_kl" in run.evaluations[0] and run.evaluations[-1]["step"] == 5
+    result = {"rec_ppl": 50.0, "kl": 1.0, "neg_elbo": 9.0, "contexts": 3, "num_samples": 5}
+    cols = dialog_table.columns([run], [result], list(dialog_table.VARIANTS))
+    note = dialog_table.caption(cols, [result], "")
+    assert "best at step 2 (validation 1 of 2), 5 of 6 steps trained" in note
+    assert "stopped early at validation 2" in note
+    assert "| BOW loss | — |" in dialog_table.markdown(cols)
+
+
+def test_dialog_table_states_the_claim_whichever_way_it_falls():
+    import dialog_table  # experiments/dialog_table.py
+
+    def col(variant, n, **figures):
+        stds = {f"{k}_std": (0.5 if n > 1 else None) for k in figures}
+        return {"variant": variant, "n": n, **figures, **stds}
+
+    base = {"rec_ppl": 40.0, "distinct1": 0.1, "distinct2": 0.2, "bleu4_f1": 0.1}
+    cols = [
+        col("cvae_monotonic", 2, kl=1.0, **base),
+        col("cvae_cyclical", 2, kl=1.2, **{**base, "rec_ppl": 45.0}),
+        col("cvae_bow_cyclical", 1, kl=9.0, **base),  # no monotonic partner: no line
+    ]
+    (line,) = dialog_table.claim(cols).splitlines()
+    assert line.startswith("- CVAE, C vs M (n = 2, 2):")
+    assert "KL(q ‖ p(z|c)) ↑ 1.2 vs 1: as claimed (higher) (within one std)" in line
+    assert "Rec-P ↓ 45 vs 40: not as claimed (lower);" in line
+    assert "BLEU-4 F 0.1 vs 0.1: as claimed (no worse)" in line

@@ -74,3 +74,23 @@ def test_rows_from_refuses_a_file_that_is_not_a_table(tmp_path):
     path.write_text(json.dumps([{"model": "VAE", "schedule": "Cyclical", "runs": [{"rec": 1.0}]}]))
     with pytest.raises(ValueError, match="VAE Cyclical lacks"):
         ptb_table.recorded_rows(str(path))
+
+
+def test_ablation_cells_pair_beta_and_lr_apart_and_name_their_rows():
+    """The 2 × 2 of β schedule × lr (`configs/sweeps/ptb_ablation.py`): the two new cells
+    differ from Table 1's rows in the learning rate alone, and their rows say so."""
+    import ptb  # configs/ptb.py
+    from sweeps import ptb_ablation  # configs/sweeps/ptb_ablation.py
+
+    cells = {v: ptb.get_config(v) for v in ptb_ablation.CELLS}
+    assert cells["cyclical_lr_constant"].beta_schedule == cells["cyclical"].beta_schedule
+    assert cells["cyclical_lr_constant"].lr_schedule == cells["monotonic"].lr_schedule
+    assert cells["monotonic_lr_restarts"].beta_schedule == cells["monotonic"].beta_schedule
+    assert cells["monotonic_lr_restarts"].lr_schedule == cells["cyclical"].lr_schedule
+    names = {v: ptb_table.schedule_name(c.to_dict()) for v, c in cells.items()}
+    assert names == {
+        "cyclical": "Cyclical", "monotonic": "Monotonic",
+        "cyclical_lr_constant": "Cyclical, lr constant",
+        "monotonic_lr_restarts": "Monotonic, lr restarts",
+    }  # fmt: skip
+    assert len(ptb_ablation.get_sweep()) == 12 and len(ptb_ablation.get_sweep("new")) == 6

@@ -63,6 +63,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     every = config.get("checkpoint_keep_every_epochs", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         _fail("checkpoint_keep_every_epochs", every, "must be an integer >= 0 (0: none kept)")
+    if "early_stopping" in config:
+        _check_early_stopping(config)
     spike = config.loss_spike
     if not (math.isfinite(spike.factor) and (spike.factor == 0 or spike.factor > 1)):
         _fail("loss_spike.factor", spike.factor, "must be 0 (off) or a finite number > 1")
@@ -179,6 +181,27 @@ def _check_vae_model(config: ml_collections.ConfigDict) -> None:
         _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
 
 
+def _check_early_stopping(config: ml_collections.ConfigDict) -> None:
+    """`vae_jax.early_stopping`'s fields; the rule reads the valid split of a single run."""
+    rule = config.early_stopping
+    patience = rule.patience
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        _fail("early_stopping.patience", patience, "must be an integer >= 0 (0: off)")
+    if patience == 0:
+        return
+    if not 0 < rule.improve_threshold <= 1:
+        _fail("early_stopping.improve_threshold", rule.improve_threshold, "must be in (0, 1]")
+    if not rule.patience_increase >= 1:
+        _fail("early_stopping.patience_increase", rule.patience_increase, "must be >= 1")
+    if "valid" not in config.data.eval_splits:
+        _fail("data.eval_splits", config.data.eval_splits, "early stopping needs 'valid'")
+    if config.population_size > 1:
+        _fail(
+            "early_stopping.patience", patience,
+            "must be 0 for a population (its members would stop at different steps)",
+        )  # fmt: skip
+
+
 _CVAE_SIZES = (
     "emb_dim", "topic_emb_dim", "utt_hidden_dim", "ctx_hidden_dim", "dec_hidden_dim",
     "latent_dim", "bow_hidden_dim",
@@ -198,6 +221,10 @@ def _check_cvae_model(config: ml_collections.ConfigDict) -> None:
         )
     if config.objective == "dg_vae":
         _fail("objective", "dg_vae", "the density gap is to N(0, I); a CVAE's prior is p(z|c)")
+    if not isinstance(config.model.get("use_bow", True), bool):
+        _fail("model.use_bow", config.model.use_bow, "must be True (CVAE+BoW) or False (CVAE)")
+    if config.model.get("kernels", "auto") not in kernels.KERNELS:
+        _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
 
 
 def _check_splits(d: ml_collections.ConfigDict, splits) -> None:

@@ -12,10 +12,11 @@ response's: the "floor"), the conversation's topic and both callers' profiles:
     p(x|z,c) = Π_t p(x_t | x_<t, z, c): GRU from h₀ = W_h [c; z] over embed(x_<t) → W_o
     bag of words: p(x_t | z, c) = softmax(W_b tanh(W [c; z]))      Zhao et al.'s auxiliary loss
 
-trained on Rec + β·KL(q(z|x,c) ‖ p(z|c)) + BOW (Zhao et al. 2017, Eq. 5 with the bag-of-words
-term; `vae_jax.objectives` computes the KL to the prior the outputs carry, `vae_jax.forward`
-adds the bag-of-words term). Responses are sampled with z ~ p(z|c) and greedy decoding, as in
-the official code (snakeztc/NeuralDialog-CVAE, ``use_hcf = False``).
+trained on Rec + β·KL(q(z|x,c) ‖ p(z|c)), + BOW for CVAE+BoW (``use_bow``; Zhao et al. 2017,
+Eq. 5 with the bag-of-words term; `vae_jax.objectives` computes the KL to the prior the
+outputs carry, `vae_jax.forward` adds the bag-of-words term). Responses are sampled with
+z ~ p(z|c) and greedy decoding, as in the official code (snakeztc/NeuralDialog-CVAE,
+``use_hcf = False``).
 
 Deviations from the official TensorFlow code, structural only: the GRU is the cuDNN/PyTorch
 variant (the reset gate scales W_h·h + b_h, where TF's GRUCell scales h before its matmul), and
@@ -35,40 +36,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from vae_jax import kernels
+from vae_jax.kernels import FusedBiasDense
 from vae_jax.models import uniform_init
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
 
 PROFILE_DIM = 4  # [age / 100, education / 3, male, female], the official profile vector
-BATCH_FIELDS = (
-    "tokens", "context", "context_lengths", "floors", "topics", "my_profile", "other_profile",
-)  # fmt: skip
-
-
-def gru_scan(
-    gates_x: jnp.ndarray, w_h: jnp.ndarray, b_h: jnp.ndarray, h0: jnp.ndarray, lengths: jnp.ndarray
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """A GRU over precomputed input gates ``gates_x`` = x·W_x + b_x, (B, T, 3H) in the order
-    (reset, update, candidate):
-
-        r, u = σ(gx_r + h·W_hr + b_hr), σ(gx_u + h·W_hu + b_hu)
-        n = tanh(gx_n + r ⊙ (h·W_hn + b_hn)),   h' = (1 − u) ⊙ n + u ⊙ h
-
-    Row b stops at step ``lengths[b]``: its state is held from there on. Returns the states
-    (B, T, H) and the last ones (B, H)."""
-    hidden = h0.shape[-1]
-
-    def step(h, inputs):
-        gx, alive = inputs
-        gh = h @ w_h + b_h
-        r = jax.nn.sigmoid(gx[:, :hidden] + gh[:, :hidden])
-        u = jax.nn.sigmoid(gx[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])
-        n = jnp.tanh(gx[:, 2 * hidden :] + r * gh[:, 2 * hidden :])
-        h_new = jnp.where(alive[:, None], (1.0 - u) * n + u * h, h)
-        return h_new, h_new
-
-    alive = jnp.arange(gates_x.shape[1])[None, :] < lengths[:, None]
-    last, hs = jax.lax.scan(step, h0, (jnp.swapaxes(gates_x, 0, 1), alive.T))
-    return jnp.swapaxes(hs, 0, 1), last
 
 
 def reverse_within(x: jnp.ndarray, lengths: jnp.ndarray) -> jnp.ndarray:
@@ -79,10 +52,12 @@ def reverse_within(x: jnp.ndarray, lengths: jnp.ndarray) -> jnp.ndarray:
 
 
 class GRU(nn.Module):
-    """A GRU layer (`gru_scan`) with U(−init_scale, init_scale) parameters."""
+    """A GRU layer (`kernels.gru_scan`) with U(−init_scale, init_scale) parameters; the input
+    projection of all steps is one matmul before the loop."""
 
     features: int
     init_scale: float
+    kernels: str = "auto"  # `kernels.implementation`: the CPU-tuned custom VJPs or plain JAX
 
     @nn.compact
     def __call__(
@@ -96,7 +71,8 @@ class GRU(nn.Module):
         b_h = self.param("b_h", init, (3 * h,))
         if h0 is None:
             h0 = jnp.zeros((x.shape[0], h), x.dtype)
-        return gru_scan(x @ w_x + b_x, w_h, b_h, h0, lengths)
+        k = kernels.implementation(self.kernels)
+        return k.gru_scan(k.affine(x, w_x, b_x), w_h, b_h, h0, lengths)
 
 
 class CVAE(nn.Module):
@@ -112,25 +88,35 @@ class CVAE(nn.Module):
     latent_dim: int = 200
     bow_hidden_dim: int = 400
     init_scale: float = 0.08
+    # Zhao et al.'s bag-of-words loss (their "CVAE+BoW"); False: the plain CVAE, which has no
+    # bag-of-words head at all (the official ``use_bow = False``).
+    use_bow: bool = True
+    kernels: str = "auto"  # the layers' implementation (`vae_jax.kernels.implementation`)
 
     def setup(self):
         init = uniform_init(self.init_scale)
+        fused = kernels.implementation(self.kernels).fused_dense
 
-        def dense(features: int, name: str) -> nn.Dense:
-            return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
+        def dense(features: int, name: str) -> FusedBiasDense:
+            # nn.Dense's parameters (kernel, bias), the bias gradient in the kernel's product.
+            return FusedBiasDense(features, init, init, fused=fused, name=name)
+
+        def gru(features: int) -> GRU:
+            return GRU(features, self.init_scale, self.kernels)
 
         self.embed = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=init)
         self.topic_embed = nn.Embed(self.num_topics, self.topic_emb_dim, embedding_init=init)
-        self.utt_fwd = GRU(self.utt_hidden_dim, self.init_scale)
-        self.utt_bwd = GRU(self.utt_hidden_dim, self.init_scale)
-        self.ctx_rnn = GRU(self.ctx_hidden_dim, self.init_scale)
+        self.utt_fwd = gru(self.utt_hidden_dim)
+        self.utt_bwd = gru(self.utt_hidden_dim)
+        self.ctx_rnn = gru(self.ctx_hidden_dim)
         self.recog = dense(2 * self.latent_dim, "recog")
         self.prior_hidden = dense(max(2 * self.latent_dim, 100), "prior_hidden")
         self.prior_out = dense(2 * self.latent_dim, "prior_out")
-        self.bow_hidden = dense(self.bow_hidden_dim, "bow_hidden")
-        self.bow_out = dense(self.vocab_size, "bow_out")
+        if self.use_bow:
+            self.bow_hidden = dense(self.bow_hidden_dim, "bow_hidden")
+            self.bow_out = dense(self.vocab_size, "bow_out")
         self.dec_init = dense(self.dec_hidden_dim, "dec_init")
-        self.dec_rnn = GRU(self.dec_hidden_dim, self.init_scale)
+        self.dec_rnn = gru(self.dec_hidden_dim)
         self.dec_out = dense(self.vocab_size, "dec_out")
 
     def embed_words(self, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -217,7 +203,8 @@ class CVAE(nn.Module):
         def step(carry, _):
             h, prev, done = carry
             x = jnp.where((prev != PAD_ID)[:, None], table[prev], 0.0)
-            _, h = gru_scan((x @ w_x + b_x)[:, None], w_h, b_h, h, jnp.ones((batch_size,), int))
+            one = jnp.ones((batch_size,), jnp.int32)
+            _, h = kernels.plain_gru_scan((x @ w_x + b_x)[:, None], w_h, b_h, h, one)
             logits = (h @ out_kernel + out_bias).at[:, jnp.array([PAD_ID, BOS_ID])].set(-jnp.inf)
             token = jnp.where(done, PAD_ID, jnp.argmax(logits, -1)).astype(jnp.int32)
             return (h, token, done | (token == EOS_ID)), token
@@ -233,24 +220,27 @@ class CVAE(nn.Module):
         """One z ~ q(z|x, c) per example and the teacher-forced decoding.
 
         Returns ``logits`` (B, T − 1, V); ``mu``, ``logvar`` (q's), ``prior_mu``,
-        ``prior_logvar`` (p(z|c)'s) and ``z`` (B, latent_dim); ``bow_nll`` (B,); ``bn_stats``
-        (empty: the train step's interface). No dropout (the official ``keep_prob = 1``)."""
+        ``prior_logvar`` (p(z|c)'s) and ``z`` (B, latent_dim); ``bow_nll`` (B,) where
+        ``use_bow``; ``bn_stats`` (empty: the train step's interface). No dropout (the
+        official ``keep_prob = 1``)."""
         del train
         tokens = batch["tokens"]
         c = self.condition(batch)
         mu, logvar = self.posterior(c, tokens)
         prior_mu, prior_logvar = self.prior(c)
         z = sample(mu, logvar, keys)
-        return {
+        outputs = {
             "logits": self.decode(tokens, c, z),
             "mu": mu,
             "logvar": logvar,
             "prior_mu": prior_mu,
             "prior_logvar": prior_logvar,
             "z": z,
-            "bow_nll": self.bow_nll(c, z, tokens),
             "bn_stats": {},
         }
+        if self.use_bow:
+            outputs["bow_nll"] = self.bow_nll(c, z, tokens)
+        return outputs
 
     def updated_bn_stats(self, params: dict, stats: dict) -> dict:
         """No batch normalisation: ``params`` unchanged (the train step's interface)."""

@@ -181,6 +181,7 @@ def evaluate_dialog(
         "responses": len(batcher.rows),
         **scores,
         "num_samples": num_samples,
+        "max_contexts": max_contexts,  # 0: every context (a reader reuses only a match)
         "references": "one per context: the true response (test_multi_ref.json is not here)",
         "word_vectors": vectors.path if vectors is not None else None,
         "posterior": "recognition network q(z|x, c); KL to the prior network p(z|c)",
@@ -193,8 +194,9 @@ def evaluate_dialog(
 def format_dialog_table(r: dict[str, Any]) -> str:
     """The ELBO figures and Table 2's metrics of `evaluate_dialog`, as Markdown."""
     lines = ["| Rec | KL | BOW | −ELBO | PPL bound | response PPL |", "|---|---|---|---|---|---|"]
+    bow = f"{r['bow']:.3f}" if "bow" in r else "–"  # the plain CVAE has no BOW head
     lines.append(
-        f"| {r['rec']:.3f} | {r['kl']:.3f} | {r['bow']:.3f} | {r['neg_elbo']:.3f} | "
+        f"| {r['rec']:.3f} | {r['kl']:.3f} | {bow} | {r['neg_elbo']:.3f} | "
         f"{r['ppl_bound']:.2f} | {r['rec_ppl']:.2f} |"
     )
     return "\n".join(lines) + "\n\n" + dialog_metrics.format_table({"this run": r})

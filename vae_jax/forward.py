@@ -59,7 +59,9 @@ def apply(
         )
     if isinstance(model, cvae.CVAE):
         outputs = {**model.apply({"params": params}, batch, keys, train=train), "keys": keys}
-        objective_sum, sums = objectives.with_bow(objective(outputs, tokens, beta), outputs, tokens)
+        objective_sum, sums = objective(outputs, tokens, beta)
+        if "bow_nll" in outputs:  # CVAE+BoW; the plain CVAE has no bag-of-words head
+            objective_sum, sums = objectives.with_bow((objective_sum, sums), outputs, tokens)
         return Forward(objective_sum, sums, outputs)
     outputs = {**model.apply({"params": params}, tokens, keys, train=train), "keys": keys}
     objective_sum, sums = objective(outputs, tokens, beta)

@@ -8,6 +8,7 @@ that XLA's CPU backend runs it near the matmul peak:
   a stored [xᵀ; 1];
 - `lstm_scan` / `lstm_step`: an LSTM over precomputed input projections, with a hand-written
   backward pass (one recurrent weight-gradient matmul after the loop);
+- `gru_scan`: the same for a GRU whose rows stop at their own lengths (the dialog CVAE's);
 - `threefry2x32` / `dropout`: dropout masks from Threefry-2x32 written as fusible integer ops,
   the same bits as ``jax.random.bernoulli``.
 
@@ -226,6 +227,104 @@ def lstm_step(
     return h, c
 
 
+def _gru_forward(gates_x, w_h, b_h, h0, lengths, dtype="float32"):
+    """The scan of `gru_scan`, time-major; also returns what its backward pass needs."""
+    hidden = h0.shape[-1]
+    w_h = w_h.astype(dtype)  # once, not every step
+    alive = jnp.arange(gates_x.shape[1])[:, None] < lengths[None, :]  # (T, B)
+
+    def cell(h, xs):
+        gx, a = xs
+        gh = dot(h, w_h, dtype) + b_h
+        r = jax.nn.sigmoid(gx[:, :hidden] + gh[:, :hidden])
+        u = jax.nn.sigmoid(gx[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])
+        gh_n = gh[:, 2 * hidden :]
+        n = jnp.tanh(gx[:, 2 * hidden :] + r * gh_n)
+        h_new = jnp.where(a[:, None], (1.0 - u) * n + u * h, h)
+        return h_new, (h_new, r, u, n, gh_n)
+
+    last, (hs, r, u, n, gh_n) = jax.lax.scan(cell, h0, (jnp.swapaxes(gates_x, 0, 1), alive))
+    return last, hs, (r, u, n, gh_n, alive)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gru_scan(
+    gates_x: jnp.ndarray,
+    w_h: jnp.ndarray,
+    b_h: jnp.ndarray,
+    h0: jnp.ndarray,
+    lengths: jnp.ndarray,
+    dtype: str = "float32",
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """A GRU (the cuDNN/PyTorch variant) over precomputed input gates ``gates_x`` = x·W_x + b_x,
+    (B, T, 3H) in the order (reset, update, candidate); w_h (H, 3H), b_h (3H,):
+
+        r, u = σ(gx_r + h·W_hr + b_hr), σ(gx_u + h·W_hu + b_hu)
+        n = tanh(gx_n + r ⊙ (h·W_hn + b_hn)),   h' = (1 − u) ⊙ n + u ⊙ h
+
+    Row b stops at step ``lengths[b]``: its state is held from there on. Returns the states
+    (B, T, H) and the last ones (B, H). As `lstm_scan`, only the recurrent matmul is inside
+    the loop, and the backward pass is written out: its loop carries ∂h and emits each step's
+    input-gate gradient δ_t; ∂W_h and ∂b_h = Σ_t [h_{t−1}; 1]ᵀ δ'_t (δ' the recurrent gates'
+    gradient, δ with its candidate part scaled by r) are one matmul after the loop.
+    """
+    last, hs, _ = _gru_forward(gates_x, w_h, b_h, h0, lengths, dtype)
+    return jnp.swapaxes(hs, 0, 1), last
+
+
+def _gru_scan_fwd(gates_x, w_h, b_h, h0, lengths, dtype):
+    last, hs, saved = _gru_forward(gates_x, w_h, b_h, h0, lengths, dtype)
+    return (jnp.swapaxes(hs, 0, 1), last), (hs, saved, w_h, h0, lengths)
+
+
+def _gru_scan_bwd(dtype, residuals, cotangents):
+    hs, (r, u, n, gh_n, alive), w_h, h0, lengths = residuals  # time-major
+    d_hs, d_last = cotangents
+    hidden = h0.shape[-1]
+    h_prev = jnp.concatenate([h0[None], hs[:-1]])
+    w_h_t = jax.lax.optimization_barrier(w_h.T.astype(dtype))  # read in order by the loop
+
+    def cell(dh_next, xs):
+        d_out, h_before, r, u, n, gh_n, a = xs
+        dh = d_out + dh_next
+        d_n = dh * (1.0 - u) * (1.0 - n * n)
+        d_u = dh * (h_before - n) * u * (1.0 - u)
+        d_r = d_n * gh_n * r * (1.0 - r)
+        a = a[:, None]
+        d_gx = jnp.where(a, jnp.concatenate([d_r, d_u, d_n], axis=-1), 0.0)
+        d_gh = jnp.concatenate([d_gx[:, : 2 * hidden], d_gx[:, 2 * hidden :] * r], axis=-1)
+        # A held (finished) row passes its gradient on unchanged.
+        return jnp.where(a, dh * u + dot(d_gh, w_h_t, dtype), dh), d_gx
+
+    dh0, d_gx = jax.lax.scan(
+        cell, d_last, (jnp.swapaxes(d_hs, 0, 1), h_prev, r, u, n, gh_n, alive), reverse=True
+    )
+    d_gh = jnp.concatenate([d_gx[..., : 2 * hidden], d_gx[..., 2 * hidden :] * r], axis=-1)
+    d_gh = d_gh.reshape(-1, d_gh.shape[-1])
+    # [h_prevᵀ; 1] materialised (small), so that XLA's CPU backend does not transpose δ'
+    # instead, and the bias gradient joins the weight gradient's product.
+    rows = h_prev.reshape(-1, hidden)
+    h_prev_t1 = jnp.concatenate([rows.T, jnp.ones((1, rows.shape[0]), rows.dtype)])
+    d_wb = dot(jax.lax.optimization_barrier(h_prev_t1.astype(dtype)), d_gh, dtype)
+    return jnp.swapaxes(d_gx, 0, 1), d_wb[:-1], d_wb[-1], dh0, None
+
+
+gru_scan.defvjp(_gru_scan_fwd, _gru_scan_bwd)
+
+
+def plain_gru_scan(
+    gates_x: jnp.ndarray,
+    w_h: jnp.ndarray,
+    b_h: jnp.ndarray,
+    h0: jnp.ndarray,
+    lengths: jnp.ndarray,
+    dtype: str = "float32",
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`gru_scan` as a plain `jax.lax.scan`, its backward pass left to JAX."""
+    last, hs, _ = _gru_forward(gates_x, w_h, b_h, h0, lengths, dtype)
+    return jnp.swapaxes(hs, 0, 1), last
+
+
 # Rotations of Threefry-2x32 (Salmon et al. 2011, Table 4), rounds 1–4 and 5–8 of each 8.
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -325,6 +424,7 @@ class Kernels(NamedTuple):
     lstm_scan: Callable
     lstm_step: Callable
     dropout: Callable
+    gru_scan: Callable
 
 
 KERNELS = ("auto", "cpu", "plain")
@@ -343,10 +443,12 @@ def implementation(name: str, dtype: str = "float32") -> Kernels:
         return Kernels(
             True, dtype, functools.partial(batched_affine, dtype=dtype),
             lambda *a: lstm_scan(*a, dtype), step, dropout,
+            lambda *a: gru_scan(*a, dtype),
         )  # fmt: skip
     if name == "plain":
         return Kernels(
             False, dtype, functools.partial(plain_affine, dtype=dtype),
             functools.partial(plain_lstm_scan, dtype=dtype), step, plain_dropout,
+            functools.partial(plain_gru_scan, dtype=dtype),
         )  # fmt: skip
     raise ValueError(f"config.model.kernels={name!r}: must be one of {KERNELS}.")

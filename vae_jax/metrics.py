@@ -50,9 +50,9 @@ def summarize(sums: Mapping[str, float]) -> dict[str, float]:
 
     rec = ΣRec / N, kl = ΣKL / N, elbo = −(rec + kl) (a lower bound on log p(x) per sequence),
     ppl_bound = exp((ΣRec + ΣKL) / #predicted tokens), ``</s>`` included: an upper bound on the
-    perplexity when Rec is estimated with one sample. A CVAE's sums add ``bow`` (its
-    bag-of-words loss per sequence) and ``rec_ppl`` = exp(ΣRec / #tokens), the response
-    perplexity of the official dialog code (one z from q(z|x, c)); its KL is to p(z|c).
+    perplexity when Rec is estimated with one sample; ``rec_ppl`` = exp(ΣRec / #tokens), the
+    response perplexity (Rec-P) of the official dialog code (one z from q(z|x, c)). A
+    CVAE+BoW's sums add ``bow``, its bag-of-words loss per sequence; a CVAE's KL is to p(z|c).
     """
     n, tokens = float(sums["sequences"]), float(sums["tokens"])
     if n <= 0:
@@ -64,9 +64,9 @@ def summarize(sums: Mapping[str, float]) -> dict[str, float]:
         "elbo": -(rec + kl),
         "ppl_bound": exp_or_inf((rec + kl) * n / tokens) if tokens > 0 else float("nan"),
     }
-    if "bow" in sums:  # a CVAE's: its bag-of-words loss, and the official response perplexity
+    figures["rec_ppl"] = exp_or_inf(rec * n / tokens) if tokens > 0 else float("nan")
+    if "bow" in sums:  # a CVAE+BoW's bag-of-words loss
         figures["bow"] = float(sums["bow"]) / n
-        figures["rec_ppl"] = exp_or_inf(rec * n / tokens) if tokens > 0 else float("nan")
     return figures
 
 

@@ -37,6 +37,7 @@ from vae_jax import (
     checkpoints,
     config_checks,
     distributed,
+    early_stopping,
     files,
     forward,
     input_pipeline,
@@ -682,6 +683,16 @@ def _train_and_evaluate(
             if is_population and k not in diverged and os.path.exists(stale):
                 os.remove(stale)
         bests.append(runs.best_value(directory, metric) if start else float("inf"))
+    stopping = None  # the early-stopping rule's state, replayed from the logged validations
+    if early_stopping.enabled(config):
+        records = writers.read_metrics(workdir) if start else []
+        stopping = early_stopping.replay(records, config)
+        if stopping.stopped:
+            logging.info(
+                "%s stopped early after %d validations (step %d): nothing to train.",
+                workdir, stopping.validations, start,
+            )  # fmt: skip
+            num_steps = start
 
     def meta(step: int) -> dict:
         epoch, position = divmod(step, steps_per_epoch) if steps_per_epoch else (None, step)
@@ -820,14 +831,29 @@ def _train_and_evaluate(
                     check(fetched[-1], step)
                     pending, tick = [], time.time()
                 epoch_end = bool(steps_per_epoch) and step % steps_per_epoch == 0
-                valid_ppl = None
+                valid, valid_ppl = None, None
                 if step % eval_every == 0 or step == num_steps:
-                    bests, valid_ppl = _evaluate_and_keep_best(
+                    bests, valid = _evaluate_and_keep_best(
                         p_eval_step, state, data, eval_key, num_devices, step, steps_per_epoch,
                         writers_, dirs, bests, metric,
                     )  # fmt: skip
-                if step % config.checkpoint_every_steps == 0 or epoch_end or step == num_steps:
+                    valid_ppl = None if valid is None else valid["ppl_bound"]
+                if stopping is not None and valid is not None:
+                    stopping = early_stopping.update(stopping, -valid["elbo"], config)
+                stopped = stopping is not None and stopping.stopped
+                if (
+                    step % config.checkpoint_every_steps == 0 or epoch_end or step == num_steps
+                    or stopped
+                ):  # fmt: skip
                     save(step, state, valid_ppl)
+                if stopped:
+                    logging.info(
+                        "Early stop at step %d after %d validations (patience %g; best valid "
+                        "-ELBO %.4f): the run is done.",
+                        step, stopping.validations, stopping.patience, stopping.best,
+                    )  # fmt: skip
+                    writers_[0].write(step, {"early_stopped": stopping.validations})
+                    break
                 if stop.received:
                     save(step, state)
                     checkpointer.wait()
@@ -991,8 +1017,8 @@ def _evaluate_and_keep_best(
 ) -> tuple[list[float], float | None]:
     """Evaluates every eval split, logs it, and saves each member's parameters (one for a
     single run) under its ``best/`` if its valid ``metric`` (`runs.BEST_METRICS`) improved.
-    Returns the best valid values so far and this evaluation's PPL bound (the members' mean;
-    None without a valid split)."""
+    Returns the best valid values so far and this evaluation's valid figures (the members'
+    mean; None without a valid split)."""
     epoch = {"epoch": step / steps_per_epoch} if steps_per_epoch else {}
     is_population = eval_key.ndim == 2  # one key per member
     results = {}  # split -> one result per member
@@ -1028,7 +1054,7 @@ def _evaluate_and_keep_best(
             checkpoints.save(
                 os.path.join(directory, runs.BEST), params, {"step": step, **epoch, **figures}
             )
-    return bests, float(np.mean([r["ppl_bound"] for r in results["valid"]]))
+    return bests, {n: float(np.mean([r[n] for r in results["valid"]])) for n in results["valid"][0]}
 
 
 def _prefetch(batches: Iterator, num_devices: int) -> Iterator:

@@ -4,7 +4,10 @@
         --nopack --parallel=2
     python -m vae_jax.sweep --sweep=configs/sweeps/yelp_table3.py --workdir=runs/yelp \
         --nopack --only='yelp-*.seed-0'          # one seed of the three variants
-    python experiments/yelp_classify.py runs/yelp/yelp-*.seed-* --out experiments/results/yelp
+    python experiments/yelp_classify.py runs/yelp/yelp-*.seed-*/ --out runs/yelp_classified \
+        --protocol=official                       # and the balanced protocol, cycle ends: README
+    python experiments/yelp_table.py runs/yelp/yelp-*.seed-*/ --classified runs/yelp_classified \
+        --archive experiments/results/yelp/runs --out experiments/results/yelp
 
 Seeds 0–2 of each variant, seed by seed (cyclical, monotonic, then the autoencoder), 100
 epochs each as the paper; every run keeps its cycle ends (epochs 10, 20, …) and its best
