@@ -433,7 +433,9 @@ def _lock_holder(command: Sequence[str]) -> str | None:
         os.close(fd)
 
 
-CHANGED = 3  # the status of a finished job whose config the sweep has changed since
+# The status of a finished job whose config the sweep has changed since: no exit status (those
+# are 0..255, and minus a signal's number) can be mistaken for it.
+CHANGED = 256
 
 
 def _changed(before: Sequence[str], now: Sequence[str]) -> str:
