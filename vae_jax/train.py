@@ -37,6 +37,7 @@ from vae_jax import (
     checkpoints,
     config_checks,
     distributed,
+    files,
     forward,
     input_pipeline,
     metrics,
@@ -566,6 +567,7 @@ def train_and_evaluate(
     ``workdir/best/``. SIGTERM and Ctrl-C save a checkpoint and raise `TrainingInterrupted`.
     ``callbacks`` are called as ``callback(step, state)`` after every step (replicated state).
     """
+    files.check_local_path(workdir)
     num_devices = jax.local_device_count()
     config_checks.check_config(config, jax.device_count())  # all processes' devices
     os.makedirs(workdir, exist_ok=True)
@@ -589,6 +591,12 @@ def _train_and_evaluate(
         runs.store_data(config, data, workdir)  # so its readers need no corpus
     distributed.sync("data.json")
     if not primary:
+        if not os.path.exists(os.path.join(workdir, runs.DATA)):
+            raise RuntimeError(
+                f"{workdir}: process {jax.process_index()} does not see the {runs.DATA} process "
+                "0 wrote; the workdir must be on a file system every host mounts (NFS, "
+                "Filestore, gcsfuse)."
+            )
         runs.bind_data(config, data, workdir)  # only checks: the primary has written it
     steps_per_epoch = data.steps_per_epoch
     num_steps = run_length(config, steps_per_epoch)
