@@ -3,8 +3,8 @@
     WORKDIR/config.json       the config the run trains with (checked on resume)
     WORKDIR/data.json         the data's fingerprint and vocabulary (checked by every reader)
     WORKDIR/vocab.json        the vocabulary itself, and
-    WORKDIR/eval_splits.npz   the evaluation splits' batches (text corpora): readers of the run
-                              need no corpus (`store_data`, `stored_data`)
+    WORKDIR/eval_splits.npz   the evaluation splits' batches (text corpora): a reader of the run
+                              whose corpus is gone uses these (`store_data`, `reader_data`)
     WORKDIR/platform.json     backend, devices, layers, precision of each start (`backend`)
     WORKDIR/lock              held by the one process training here
     WORKDIR/metrics.jsonl     one record per logged step (`vae_jax.writers`)
@@ -236,22 +236,26 @@ def stored_data(config: ml_collections.ConfigDict, workdir: str) -> input_pipeli
 def reader_data(
     config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None
 ) -> input_pipeline.Data:
-    """A reader's data: the workdir's stored copy where it has one and ``data_dir`` is not
-    given, else the corpus (checked against ``data.json``, and then stored for next time). A
-    text run without a stored copy whose corpus cannot be read fails naming the file."""
-    has_copy = os.path.exists(os.path.join(workdir, SPLITS))
-    if stores_data(config) and has_copy and not data_dir:
-        return stored_data(config, workdir)
+    """A reader's data: the corpus where it can be read (checked against ``data.json``, and
+    stored in the workdir if it was not), else the workdir's stored copy (`stored_data`). A
+    text run with neither fails naming the file it lacks and what to do."""
+    has_copy = stores_data(config) and os.path.exists(os.path.join(workdir, SPLITS))
     try:
         data = input_pipeline.get_data(config)
     except (FileNotFoundError, ValueError) as e:
-        if not stores_data(config) or has_copy:
-            raise
-        raise FileNotFoundError(
-            f"{os.path.join(workdir, VOCAB)}: absent (a workdir written by an older vae_jax) "
-            f"and the corpus cannot be read ({e}). Pass --data_dir=<the corpus the run was "
-            "trained on> once: the workdir then stores its vocabulary and splits."
-        ) from None
+        if has_copy and not data_dir:
+            logging.info(
+                "%s: the corpus cannot be read (%s); the workdir's copy is used.", workdir, e
+            )
+            return stored_data(config, workdir)
+        if stores_data(config) and not has_copy:
+            raise FileNotFoundError(
+                f"{os.path.join(workdir, VOCAB)}: absent (a workdir written by an older "
+                f"vae_jax) and the corpus cannot be read ({e}). Pass --data_dir=<the corpus "
+                "the run was trained on> once: the workdir then stores its vocabulary and "
+                "splits."
+            ) from None
+        raise
     if os.path.exists(os.path.join(workdir, DATA)):  # workdirs from before data.json: unchecked
         bind_data(config, data, workdir)
         store_data(config, data, workdir)
