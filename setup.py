@@ -37,5 +37,9 @@ setup(
     extras_require={
         # nbclient, nbformat, ipykernel: the quickstart notebook runs in the test suite.
         "test": ["pytest", "hypothesis", "ruff", "nbclient", "nbformat", "ipykernel"],
+        # Accelerators: jax's own extras pull the matching jaxlib plugin (CUDA 12 wheels, or
+        # libtpu). Same lower bound as above, still no upper one.
+        "gpu": ["jax[cuda12]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10"],
     },
 )

@@ -272,3 +272,56 @@ def test_a_runner_killed_takes_its_training_with_it(tmp_path):
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive, "the training outlived its runner"
+
+
+def _tiny_sweep_file(tmp_path):
+    path = tmp_path / "tiny_tpu.py"
+    path.write_text(
+        "from vae_jax.sweep import product, sweep\n"
+        "def get_sweep():\n"
+        "    return product([sweep('config', ['configs/ptb.py:cyclical']),\n"
+        "                    sweep('seed', [0, 1])])\n"
+    )
+    return path
+
+
+def test_tpu_dry_run_installs_passes_data_and_names_zone_and_project(tmp_path, capsys):
+    argv = [f"--sweep={_tiny_sweep_file(tmp_path)}", "--workdir=/mnt/shared/t", "--dry_run"]
+    with pytest.raises(ValueError, match=r"--tpu=pod: pass --zone="):
+        sweep.main([*argv, "--tpu=pod"])
+    with pytest.raises(ValueError, match=r"--workdir=rel: with --tpu, an absolute path"):
+        sweep.main([*argv[:1], "--workdir=rel", "--dry_run", "--tpu=pod", "--zone=z"])
+    capsys.readouterr()
+    sweep.main([*argv, "--tpu=pod", "--zone=europe-west4-a", "--project=proj",
+                "--tpu_data_dir=/data/corpora"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "us-central2-b" not in out
+    lines = [line.strip() for line in out.splitlines()]
+    gcloud = [line for line in lines if "gcloud compute tpus tpu-vm" in line]
+    assert all("--zone=europe-west4-a" in g and "--project=proj" in g for g in gcloud)
+    assert all("--worker=all" in g for g in gcloud)
+    install = [g for g in gcloud if "pip install" in g]
+    assert len(install) == 1 and "python3 -m venv .venv" in install[0]
+    assert ".[tpu]" in install[0]
+    assert any(" scp " in g and "--recurse" in g for g in gcloud)
+    runs_ = [line for line in lines if line.startswith("on pod:")]
+    assert len(runs_) == 1  # the two seeds packed into one population
+    assert "VAE_JAX_DATA_DIR=/data/corpora" in runs_[0]
+    assert ".venv/bin/python -m vae_jax.main" in runs_[0] and "--distributed=auto" in runs_[0]
+    assert "--workdir=/mnt/shared/t/" in runs_[0]
+
+
+def test_object_store_workdirs_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    from conftest import tiny_synthetic_config
+
+    from vae_jax import runs, train
+
+    monkeypatch.chdir(tmp_path)
+    message = r"^--workdir=gs://b/run: object stores \(gs://\) are not supported .* gcsfuse"
+    with pytest.raises(ValueError, match=message):
+        sweep.main([f"--sweep={_tiny_sweep_file(tmp_path)}", "--workdir=gs://b/run"])
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(tiny_synthetic_config(), "gs://b/run")
+    with pytest.raises(ValueError, match=message):
+        runs.load_run("gs://b/run")
+    assert not os.path.exists(tmp_path / "gs:")  # nothing was written

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
+
+from vae_jax import backend
 
 
 def define_run_flags(fv: flags.FlagValues) -> None:
@@ -29,6 +31,26 @@ def define_run_flags(fv: flags.FlagValues) -> None:
         flag_values=fv,
     )  # fmt: skip
     flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def define_command_flags(fv: flags.FlagValues) -> None:
+    """The flags only a command line has (``python -m``, not ``main(argv)``), applied by
+    `absl_main`: ``--compilation_cache``."""
+    flags.DEFINE_string(
+        "compilation_cache", backend.DEFAULT_CACHE,
+        "JAX's persistent compilation cache: compiled steps are kept here and reused by the "
+        "next run of the same shapes. '': off. JAX_COMPILATION_CACHE_DIR or "
+        "--jax_compilation_cache_dir, where given, win.", flag_values=fv,
+    )  # fmt: skip
+
+
+def setup_command(fv: flags.FlagValues) -> None:
+    """What a command line's ``main`` sets for its process, never an import: the compilation
+    cache (`define_command_flags`) and orbax's INFO lines filtered out of the log."""
+    if "compilation_cache" in fv:
+        where = backend.enable_compilation_cache(fv.compilation_cache)
+        logging.info("Compilation cache: %s", where or "off")
+    backend.quiet_orbax_logging()
 
 
 def parse(
@@ -72,6 +94,7 @@ def absl_main(
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        setup_command(flags.FLAGS)
         try:
             run(flags.FLAGS)
         except user_errors as e:

@@ -12,7 +12,16 @@ import os
 
 import ml_collections
 
-from vae_jax import input_pipeline, kernels, models, objectives, population, runs, schedules
+from vae_jax import (
+    backend,
+    input_pipeline,
+    kernels,
+    models,
+    objectives,
+    population,
+    runs,
+    schedules,
+)
 from vae_jax.datasets import swda, text
 
 _SCHEDULE_VALUES = ("value", "init_value", "start", "stop")
@@ -72,6 +81,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if spike.action not in ("skip", "stop"):
         _fail("loss_spike.action", spike.action, "must be 'skip' or 'stop'")
 
+    backend.matmul_precision(config)
     if config.model.get("kind", "vae") == "cvae":
         _check_cvae_model(config)
     else:

@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from vae_jax import (  # noqa: E402
+    backend,
     cli,
     cvae,
     dialog_metrics,
@@ -296,6 +297,12 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     config, data, model, params, info = runs.load_run(
         fv.workdir, fv.checkpoint, fv.data_dir, fv.member
     )
+    # The run's matmul precision, so that its figures are training's on any backend.
+    with jax.default_matmul_precision(backend.matmul_precision(config)):
+        return _run(fv, config, data, model, params, info)
+
+
+def _run(fv, config, data, model, params, info) -> dict[str, Any]:
     run_dir = info["run_dir"]  # a population's member: WORKDIR/members/<k>
     split = runs.choose_split(data, fv.split)
     # Before the evaluation (minutes to hours), not after it: where its results will go.
@@ -334,6 +341,7 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
         "checkpoint": info["checkpoint"],
         "checkpoint_info": info,
         "seed": fv.seed,
+        "platform": backend.describe(config),
         **results,
     }
     print(
@@ -386,5 +394,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
+    cli.define_command_flags(flags.FLAGS)
+    jax.config.config_with_absl()  # jax's own flags in --helpfull, as flax's lm1b
     prog = "python -m vae_jax.evaluate"
     app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))

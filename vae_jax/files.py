@@ -66,3 +66,14 @@ def write_atomic(path: str, data: bytes | str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_local_path(path: str, flag: str = "--workdir") -> None:
+    """Refuses an object-store path (``gs://``…): a run's metric writer, lock and small files
+    need a file system, so one line names the alternative before anything runs."""
+    if "://" in path:
+        raise ValueError(
+            f"{flag}={path}: object stores ({path.split('://')[0]}://) are not supported as a "
+            "workdir; use a file system every host mounts (NFS or Filestore, or the bucket "
+            "mounted with gcsfuse, e.g. /gcs/<bucket>/...) and pass that path."
+        )

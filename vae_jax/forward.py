@@ -21,6 +21,7 @@ So an SA-VAE is always scored where it is trained, and a new model kind plugs in
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -76,7 +77,13 @@ def example_batch(model: models.VAE | cvae.CVAE, length: int = 2) -> dict[str, j
 
 
 def init(model: models.VAE | cvae.CVAE, rng: jax.Array, batch: dict[str, jnp.ndarray]) -> Any:
-    """Fresh parameters of ``model`` for batches shaped like ``batch``."""
+    """Fresh parameters of ``model`` for batches shaped like ``batch``, as one compiled
+    program (run eagerly, initialisation compiles each of its ~90 small ops apart)."""
+    return _init(model, rng, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: models.VAE | cvae.CVAE, rng: jax.Array, batch: dict[str, jnp.ndarray]) -> Any:
     keys = jax.random.split(rng, batch["tokens"].shape[0])
     inputs = batch if isinstance(model, cvae.CVAE) else batch["tokens"]
     return model.init(rng, inputs, keys, train=False)["params"]

@@ -36,7 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from vae_jax import cli, cvae, input_pipeline, metrics, models, responses, runs  # noqa: E402
+from vae_jax import backend, cli, cvae, input_pipeline, metrics, models, responses, runs  # noqa: E402
+from vae_jax.datasets import text as text_data  # noqa: E402
 from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 
 
@@ -87,8 +88,8 @@ def interpolation_points(mu_a: np.ndarray, mu_b: np.ndarray, steps: int = 10) ->
 class Text:
     """Ids <-> printable text: words for text corpora, ids for the synthetic task."""
 
-    def __init__(self, data: input_pipeline.Data):
-        self.vocab = data.info.get("vocab")
+    def __init__(self, vocab: text_data.Vocab | None):
+        self.vocab = vocab
 
     def row(self, sentence: str) -> np.ndarray:
         """``<s> w… </s>`` ids of a sentence given on the command line."""
@@ -163,7 +164,14 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> list[str]:
     """Decodes as the parsed flags ``fv`` say; returns the printed lines."""
-    _, data, model, params, info = runs.load_run(fv.workdir, fv.checkpoint, fv.data_dir, fv.member)
+    config, data, model, params, info = runs.load_run(
+        fv.workdir, fv.checkpoint, fv.data_dir, fv.member
+    )
+    with jax.default_matmul_precision(backend.matmul_precision(config)):
+        return _run(fv, data, model, params, info)
+
+
+def _run(fv, data, model, params, info) -> list[str]:
     print(
         f"# {info['run_dir']}, checkpoint {info['checkpoint']} (step {info.get('step')})",
         file=sys.stderr,
@@ -191,7 +199,7 @@ def run(fv: flags.FlagValues) -> list[str]:
             ]
         print("\n".join(lines))
         return lines
-    text = Text(data)
+    text = Text(data.info.get("vocab"))
     if fv.mode == "prior":
         z = np.asarray(jax.random.normal(key, (fv.num, model.latent_dim)))
         greedy = decode(model, params, z, fv.max_length)
@@ -230,5 +238,7 @@ def main(argv: Sequence[str]) -> list[str]:
 
 if __name__ == "__main__":
     define_flags(flags.FLAGS)
+    cli.define_command_flags(flags.FLAGS)
+    jax.config.config_with_absl()  # jax's own flags in --helpfull, as flax's lm1b
     prog = "python -m vae_jax.generate"
     app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))

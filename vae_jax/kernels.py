@@ -40,9 +40,12 @@ def dot(a: jnp.ndarray, b: jnp.ndarray, dtype: str = "float32") -> jnp.ndarray:
     if dtype == "float32":
         return a @ b
     contract = (((a.ndim - 1,), (0,)), ((), ()))
+    # The operands are already rounded: DEFAULT whatever config.matmul_precision says, so
+    # "highest" never asks a GPU or TPU for a multi-pass bfloat16 product.
     return jax.lax.dot_general(
-        a.astype(dtype), b.astype(dtype), contract, preferred_element_type=jnp.float32
-    )
+        a.astype(dtype), b.astype(dtype), contract, precision=jax.lax.Precision.DEFAULT,
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -430,14 +433,21 @@ class Kernels(NamedTuple):
 KERNELS = ("auto", "cpu", "plain")
 
 
+def resolve(name: str) -> str:
+    """The set ``name`` stands for on this backend: ``auto`` is ``cpu`` on the CPU, else
+    ``plain``; other names are returned as they are."""
+    if name == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "plain"
+    return name
+
+
 def implementation(name: str, dtype: str = "float32") -> Kernels:
     """``cpu``: the custom-VJP kernels above; ``plain``: `plain_affine`, `plain_lstm_scan`,
     `plain_dropout`; ``auto``: ``cpu`` on the CPU backend, ``plain`` elsewhere. ``dtype``: the
     matmuls' operands (``float32``, or ``bfloat16`` with float32 accumulation)."""
     if dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={dtype!r}: must be one of {DTYPES}.")
-    if name == "auto":
-        name = "cpu" if jax.default_backend() == "cpu" else "plain"
+    name = resolve(name)
     step = functools.partial(lstm_step, dtype=dtype)
     if name == "cpu":
         return Kernels(

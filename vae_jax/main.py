@@ -14,6 +14,7 @@ from vae_jax import host
 if __name__ == "__main__":
     host.tune_cpu_host("vae_jax.main")  # before jax loads: see vae_jax.host
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -71,5 +72,7 @@ def run(fv: flags.FlagValues) -> None:
 
 
 if __name__ == "__main__":
+    cli.define_command_flags(FLAGS)
+    jax.config.config_with_absl()  # jax's own flags in --helpfull, as flax's lm1b
     prog = "python -m vae_jax.main"
     app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))

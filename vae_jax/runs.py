@@ -2,6 +2,10 @@
 
     WORKDIR/config.json       the config the run trains with (checked on resume)
     WORKDIR/data.json         the data's fingerprint and vocabulary (checked by every reader)
+    WORKDIR/vocab.json        the vocabulary itself, and
+    WORKDIR/eval_splits.npz   the evaluation splits' batches (text corpora): a reader of the run
+                              whose corpus is gone uses these (`store_data`, `reader_data`)
+    WORKDIR/platform.json     backend, devices, layers, precision of each start (`backend`)
     WORKDIR/lock              held by the one process training here
     WORKDIR/metrics.jsonl     one record per logged step (`vae_jax.writers`)
     WORKDIR/checkpoints/      periodic orbax checkpoints of the whole state
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -31,6 +36,7 @@ import numpy as np
 from absl import logging
 
 from vae_jax import checkpoints, cvae, files, forward, input_pipeline, models, population, savae
+from vae_jax.datasets import text
 
 CONFIG, METRICS, BEST, DATA = "config.json", "metrics.jsonl", "best", "data.json"
 
@@ -168,6 +174,99 @@ def bind_data(config: ml_collections.ConfigDict, data: input_pipeline.Data, work
             f"fingerprint {then.get('fingerprint')}, now {now['fingerprint']}). Point "
             "config.data.data_dir (or --data_dir) at the corpus the run was trained on."
         )
+
+
+# --- The data a reader needs, stored in the workdir ---------------------------------------
+
+VOCAB, SPLITS = "vocab.json", "eval_splits.npz"
+
+
+def stores_data(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run of ``config`` stores its vocabulary and evaluation splits: a text corpus
+    (a dialog corpus's readers need its dialogs; the synthetic task is made from the config)."""
+    return config.data.name in text.CORPORA
+
+
+def store_data(config: ml_collections.ConfigDict, data: input_pipeline.Data, workdir: str) -> None:
+    """Writes ``vocab.json`` and ``eval_splits.npz`` unless there: what `evaluate` and
+    `generate` need of the corpus (only after `bind_data` accepted ``data``)."""
+    if not stores_data(config) or os.path.exists(os.path.join(workdir, SPLITS)):
+        return
+    vocab = data.info["vocab"]
+    files.write_atomic(
+        os.path.join(workdir, VOCAB),
+        json.dumps({"words": list(vocab.words), "unk_token": vocab.unk_token}),
+    )
+    arrays = {
+        f"{split}/{i:06d}/{field}": value
+        for split, batches in data.eval_splits.items()
+        for i, batch in enumerate(batches)
+        for field, value in batch.items()
+    }
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    files.write_atomic(os.path.join(workdir, SPLITS), buffer.getvalue())  # written last
+
+
+def stored_data(config: ml_collections.ConfigDict, workdir: str) -> input_pipeline.Data:
+    """The `input_pipeline.Data` a reader needs (vocabulary, evaluation splits) from the
+    workdir's `store_data` files, checked against ``data.json``; no training stream."""
+    with open(os.path.join(workdir, VOCAB), encoding="utf-8") as f:
+        stored = json.load(f)
+    vocab = text.Vocab(stored["words"], stored["unk_token"])
+    with open(os.path.join(workdir, DATA), encoding="utf-8") as f:
+        record = json.load(f)
+    digest = hashlib.sha256("\n".join(vocab.words).encode()).hexdigest()
+    if digest != record["vocab_sha256"]:
+        raise DataMismatchError(
+            f"{os.path.join(workdir, VOCAB)}: not the vocabulary {os.path.join(workdir, DATA)} "
+            "records; pass --data_dir=<the run's corpus> to read it from there."
+        )
+    splits: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    with np.load(os.path.join(workdir, SPLITS)) as arrays:
+        for name in arrays.files:
+            split, i, field = name.split("/")
+            splits.setdefault(split, {}).setdefault(int(i), {})[field] = arrays[name]
+
+    def no_training(step: int):
+        raise RuntimeError(f"{workdir}: stored data has no training split; train on the corpus.")
+
+    return input_pipeline.Data(
+        vocab_size=len(vocab),
+        train=no_training,
+        eval_splits={s: [b[i] for i in sorted(b)] for s, b in splits.items()},
+        steps_per_epoch=None,
+        info={"vocab": vocab, "fingerprint": record["fingerprint"], "stored_in": workdir},
+    )
+
+
+def reader_data(
+    config: ml_collections.ConfigDict, workdir: str, data_dir: str | None = None
+) -> input_pipeline.Data:
+    """A reader's data: the corpus where it can be read (checked against ``data.json``, and
+    stored in the workdir if it was not), else the workdir's stored copy (`stored_data`). A
+    text run with neither fails naming the file it lacks and what to do."""
+    has_copy = stores_data(config) and os.path.exists(os.path.join(workdir, SPLITS))
+    try:
+        data = input_pipeline.get_data(config)
+    except (FileNotFoundError, ValueError) as e:
+        if has_copy and not data_dir:
+            logging.info(
+                "%s: the corpus cannot be read (%s); the workdir's copy is used.", workdir, e
+            )
+            return stored_data(config, workdir)
+        if stores_data(config) and not has_copy:
+            raise FileNotFoundError(
+                f"{os.path.join(workdir, VOCAB)}: absent (a workdir written by an older "
+                f"vae_jax) and the corpus cannot be read ({e}). Pass --data_dir=<the corpus "
+                "the run was trained on> once: the workdir then stores its vocabulary and "
+                "splits."
+            ) from None
+        raise
+    if os.path.exists(os.path.join(workdir, DATA)):  # workdirs from before data.json: unchecked
+        bind_data(config, data, workdir)
+        store_data(config, data, workdir)
+    return data
 
 
 # --- Resuming --------------------------------------------------------------------------------
@@ -392,6 +491,7 @@ def load_run(
     checkpoints under ``WORKDIR/checkpoints/``. The info's ``run_dir`` is the directory of
     the run read (the member's for a population), where its readers write their results.
     """
+    files.check_local_path(workdir)
     config = load_config(workdir)
     run_dir = workdir
     if population.is_population(config):
@@ -414,9 +514,7 @@ def load_run(
     else:
         params, info = checkpoints.restore_params(run_dir, checkpoint)
     info = {"checkpoint": checkpoint, "run_dir": run_dir, **info}
-    data = input_pipeline.get_data(config)
-    if os.path.exists(os.path.join(run_dir, DATA)):  # workdirs from before data.json: unchecked
-        bind_data(config, data, run_dir)
+    data = reader_data(config, run_dir, data_dir)
     model = make_model(config, data.vocab_size, data.num_topics)
     check_params(model, params, f"{run_dir} checkpoint {checkpoint!r}")
     return config, data, model, params, info

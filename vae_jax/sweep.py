@@ -26,7 +26,10 @@ after another or ``--parallel=N`` at once, their output in ``WORKDIR/<job>.log``
 same command again resumes what is unfinished (training resumes exactly) and skips what is
 done (``WORKDIR/<job>/sweep_done.json``); ``--only=ptb-cyclical.seed-1`` (glob patterns)
 takes just the jobs of the runs so named; ``--dry_run`` prints the plan and each command
-(``--tpu=NAME``: also the ``gcloud … ssh --worker=all`` command of a TPU VM pod slice).
+(``--tpu=NAME --zone=ZONE [--project=P]``: also the ``gcloud`` commands that install this
+checkout in a venv on every worker of a TPU VM pod slice and run each job there with
+``VAE_JAX_DATA_DIR`` set, ``--tpu_data_dir``). A ``gs://`` workdir is refused: use a file
+system every host mounts.
 ``--evaluate=FLAGS`` then scores each trained run with ``python -m vae_jax.evaluate FLAGS``
 (output in ``WORKDIR/<run>.evaluate.log``, results in the run's ``eval_<split>.json``, which
 ``experiments/ptb_table.py`` reads); a rerun with the same flags skips runs already scored.
@@ -113,6 +116,39 @@ def run_names(runs: Sequence[Run]) -> list[str]:
     return [run_name(run, keys) for run in runs]
 
 
+TPU_CHECKOUT = "vae_jax"  # where the install step puts this checkout: ~/vae_jax on each worker
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuPod:
+    """A TPU VM (pod slice) to launch on: its name, zone, project, and the data directory the
+    workers read (``VAE_JAX_DATA_DIR`` on them)."""
+
+    name: str
+    zone: str
+    project: str = ""
+    data_dir: str = ""
+
+    def gcloud(self, verb: str, *args: str) -> list[str]:
+        project = [f"--project={self.project}"] if self.project else []
+        return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, f"--zone={self.zone}",
+                *project, "--worker=all"]  # fmt: skip
+
+    def ssh(self, command: str) -> list[str]:
+        return self.gcloud("ssh", self.name, f"--command={command}")
+
+    def install_commands(self, source: str) -> list[list[str]]:
+        """A fresh slice: this checkout copied to every worker, a venv with ``.[tpu]``."""
+        install = (
+            f"cd {TPU_CHECKOUT} && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'"
+        )
+        return [
+            self.ssh(f"rm -rf {TPU_CHECKOUT} && mkdir -p {TPU_CHECKOUT}"),
+            self.gcloud("scp", "--recurse", f"{source}/.", f"{self.name}:{TPU_CHECKOUT}"),
+            self.ssh(install),
+        ]
+
+
 @dataclasses.dataclass
 class Job:
     """One training process: a single run, or a population of several runs."""
@@ -122,14 +158,15 @@ class Job:
     overrides: dict[str, Any]  # --config.<field>
     members: list[str]  # the run names it trains, member k first
 
-    def pod_command(self, workdir: str, tpu: str, zone: str) -> list[str]:
-        """The command that runs this job on every worker of a TPU VM pod slice (the workdir
-        on a file system all workers mount; `vae_jax.distributed` finds the processes)."""
-        command = shlex.join(["python", *self.command(workdir)[1:], "--distributed=auto"])
-        return [
-            "gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}",
-            "--worker=all", f"--command=cd {shlex.quote(os.getcwd())} && {command}",
-        ]  # fmt: skip
+    def pod_command(self, workdir: str, pod: TpuPod) -> list[str]:
+        """The command that runs this job on every worker of a TPU VM pod slice, from the
+        checkout and venv `TpuPod.install_commands` make (the workdir on a file system all
+        workers mount; `vae_jax.distributed` finds the processes, and the run stops if a worker
+        does not see the files process 0 wrote)."""
+        run = [".venv/bin/python", *self.command(workdir)[1:]]  # after cd: ~ unquoted
+        command = shlex.join([*run, "--distributed=auto"])
+        env = f"VAE_JAX_DATA_DIR={shlex.quote(pod.data_dir)} " if pod.data_dir else ""
+        return pod.ssh(f"cd {TPU_CHECKOUT} && {env}{command}")
 
     def evaluate_command(self, workdir: str, k: int, flags_: Sequence[str]) -> list[str]:
         """``python -m vae_jax.evaluate`` of this job's run ``k`` with ``flags_``."""
@@ -506,7 +543,13 @@ def define_flags(fv: flags.FlagValues) -> None:
         "tpu", "", "With --dry_run: also print each job's command for every worker of this TPU "
         "VM pod slice.", flag_values=fv,
     )  # fmt: skip
-    flags.DEFINE_string("zone", "us-central2-b", "The --tpu's zone.", flag_values=fv)
+    flags.DEFINE_string("zone", "", "The --tpu's zone (required with --tpu).", flag_values=fv)
+    flags.DEFINE_string("project", "", "The --tpu's project ('': gcloud's).", flag_values=fv)
+    flags.DEFINE_string(
+        "tpu_data_dir", os.environ.get("VAE_JAX_DATA_DIR", ""),
+        "VAE_JAX_DATA_DIR on the --tpu workers: a directory each of them has (default: this "
+        "machine's $VAE_JAX_DATA_DIR).", flag_values=fv,
+    )  # fmt: skip
     flags.DEFINE_bool(
         "allow_config_change", False, "Passed to each run (resume after a config change).",
         flag_values=fv,
@@ -526,17 +569,39 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def run(fv: flags.FlagValues) -> dict[str, int]:
+    files.check_local_path(fv.workdir)
+    pod = None
+    if fv.tpu:
+        if not fv.dry_run:
+            raise ValueError("--tpu: prints the TPU commands; pass --dry_run with it.")
+        if not fv.zone:
+            raise ValueError(f"--tpu={fv.tpu}: pass --zone=<its zone> (and --project=).")
+        if not os.path.isabs(fv.workdir):
+            raise ValueError(
+                f"--workdir={fv.workdir}: with --tpu, an absolute path on the file system "
+                "every worker mounts."
+            )
+        pod = TpuPod(fv.tpu, fv.zone, fv.project, fv.tpu_data_dir)
     runs = load_sweep(fv.sweep)
     jobs = plan(runs, pack=fv.pack, only=fv.only)
     chosen = f" (--only={','.join(fv.only)})" if fv.only else ""
     print(f"{fv.sweep}: {len(runs)} runs, {len(jobs)} jobs{chosen} under {fv.workdir}", flush=True)
     evaluate = shlex.split(fv.evaluate)
+    if pod is not None:
+        source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        print(f"  install on {pod.name} (once, a fresh slice):")
+        for command in pod.install_commands(source):
+            print(f"    {shlex.join(command)}")
+        print(
+            f"  {fv.workdir} must be a file system every worker of {pod.name} mounts (NFS, "
+            "Filestore, gcsfuse); a run stops if a worker does not see process 0's files."
+        )
     for job in jobs:
         kind = f"population of {len(job.members)}" if len(job.members) > 1 else "single run"
         print(f"  {job.name} ({kind}): {', '.join(job.members)}")
         print(f"    {shlex.join(job.command(fv.workdir))}")
-        if fv.tpu:
-            print(f"    on {fv.tpu}: {shlex.join(job.pod_command(fv.workdir, fv.tpu, fv.zone))}")
+        if pod is not None:
+            print(f"    on {pod.name}: {shlex.join(job.pod_command(fv.workdir, pod))}")
         for k in range(len(job.members) if evaluate else 0):
             print(f"    then {shlex.join(job.evaluate_command(fv.workdir, k, evaluate))}")
     if fv.dry_run:

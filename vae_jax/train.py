@@ -34,6 +34,7 @@ from flax import jax_utils
 from flax.training import train_state
 
 from vae_jax import (
+    backend,
     checkpoints,
     config_checks,
     distributed,
@@ -271,9 +272,11 @@ def make_p_train_step(
     devices: Sequence[jax.Device] | None = None,
     donate: bool = True,
     compilations: collections.Counter | None = None,
+    precision: str | None = None,
 ) -> Callable:
     """`train_step` pmapped over ``devices`` (default: all local ones) along `AXIS`, the input
-    state donated; ``compilations["train_step_compilations"]`` counts its traces."""
+    state donated; ``compilations["train_step_compilations"]`` counts its traces;
+    ``precision``: the matmul precision it is traced under (`backend.with_precision`)."""
     if getattr(model, "bn_gamma", 0) > 0:  # BN-VAE: batch statistics over the global batch
         model = model.clone(bn_axis_name=AXIS)
     step = functools.partial(
@@ -284,6 +287,7 @@ def make_p_train_step(
         objective=objective,
         spike_factor=spike_factor,
     )
+    step = backend.with_precision(step, precision)
     if compilations is not None:
         step = _counted(step, compilations, "train_step_compilations")
     return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else (), devices=devices)
@@ -295,9 +299,11 @@ def make_p_eval_step(
     *,
     devices: Sequence[jax.Device] | None = None,
     compilations: collections.Counter | None = None,
+    precision: str | None = None,
 ) -> Callable:
     """`eval_step` pmapped like `make_p_train_step`'s step (nothing donated)."""
     step = functools.partial(eval_step, model=model, objective=objective)
+    step = backend.with_precision(step, precision)
     if compilations is not None:
         step = _counted(step, compilations, "eval_step_compilations")
     return jax.pmap(step, axis_name=AXIS, devices=devices)
@@ -349,6 +355,7 @@ def make_p_population_step(
     devices: Sequence[jax.Device] | None = None,
     donate: bool = True,
     compilations: collections.Counter | None = None,
+    precision: str | None = None,
 ) -> Callable:
     """`train_step` vmapped over a population's members (`vae_jax.population`) and pmapped
     over devices: the state has a leading member axis, every member sees the same batch.
@@ -384,6 +391,7 @@ def make_p_population_step(
 
         return jax.vmap(member_step)(states, jnp.arange(len(configs)), frozen)
 
+    step = backend.with_precision(step, precision)
     if compilations is not None:
         step = _counted(step, compilations, "train_step_compilations")
     return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else (), devices=devices)
@@ -395,6 +403,7 @@ def make_p_population_eval_step(
     *,
     devices: Sequence[jax.Device] | None = None,
     compilations: collections.Counter | None = None,
+    precision: str | None = None,
 ) -> Callable:
     """`eval_step` vmapped over members (stacked params, one key per member) and pmapped."""
     objective = member_objectives(configs)
@@ -405,6 +414,7 @@ def make_p_population_eval_step(
 
         return jax.vmap(member_eval)(params, keys, jnp.arange(len(configs)))
 
+    step = backend.with_precision(step, precision)
     if compilations is not None:
         step = _counted(step, compilations, "eval_step_compilations")
     return jax.pmap(step, axis_name=AXIS, devices=devices)
@@ -583,6 +593,7 @@ def train_and_evaluate(
     With no usable checkpoint, a workdir holding an earlier run's history (``best/``, metrics
     past the first checkpoint) is refused unless ``start_over`` (`runs.check_fresh_start`).
     """
+    files.check_local_path(workdir)
     num_devices = jax.local_device_count()
     config_checks.check_config(config, jax.device_count())  # all processes' devices
     # Several processes: a bound on waiting for the others, and the same run in all of them.
@@ -622,8 +633,15 @@ def _train_and_evaluate(
     primary = distributed.is_primary()  # the one process that writes files besides checkpoints
     if primary:
         runs.bind_data(config, data, workdir)  # a resumed run must see the data it started on
+        runs.store_data(config, data, workdir)  # so its readers need no corpus
     distributed.sync("data.json")
     if not primary:
+        if not os.path.exists(os.path.join(workdir, runs.DATA)):
+            raise RuntimeError(
+                f"{workdir}: process {jax.process_index()} does not see the {runs.DATA} process "
+                "0 wrote; the workdir must be on a file system every host mounts (NFS, "
+                "Filestore, gcsfuse)."
+            )
         runs.bind_data(config, data, workdir)  # only checks: the primary has written it
     steps_per_epoch = data.steps_per_epoch
     num_steps = run_length(config, steps_per_epoch)
@@ -671,6 +689,7 @@ def _train_and_evaluate(
         state = state.replace(params=stack_params(fresh) if is_population else fresh[0])
     if primary:
         runs.save_config(config, workdir)
+    backend.record(config, workdir, primary)  # the log and platform.json name the backend
     bests, metric = [], runs.best_metric(config)
     for k, (member, directory) in enumerate(zip(members, dirs, strict=True)):
         if primary:
@@ -678,6 +697,7 @@ def _train_and_evaluate(
                 os.makedirs(directory, exist_ok=True)
                 runs.save_config(member, directory)
                 runs.bind_data(member, data, directory)
+                runs.store_data(member, data, directory)
             runs.truncate_metrics(directory, start)
             stale = os.path.join(directory, DIVERGED_FILE)  # from a divergence after `start`
             if is_population and k not in diverged and os.path.exists(stale):
@@ -774,17 +794,22 @@ def _train_and_evaluate(
     state = replicate(state)
     traces = collections.Counter()  # pmap traces once per new batch shape, then compiles
     spike_factor = config.loss_spike.factor
+    precision = backend.matmul_precision(config)
     if is_population:
         p_train_step = make_p_population_step(
-            model, members, steps_per_epoch, spike_factor=spike_factor, compilations=traces
+            model, members, steps_per_epoch, spike_factor=spike_factor, compilations=traces,
+            precision=precision,
+        )  # fmt: skip
+        p_eval_step = make_p_population_eval_step(
+            model, members, compilations=traces, precision=precision
         )
-        p_eval_step = make_p_population_eval_step(model, members, compilations=traces)
         eval_key = jnp.stack([runs.eval_key(m) for m in members])
     else:
         p_train_step = make_p_train_step(
-            model, beta_fn, lr_fn, objective, spike_factor=spike_factor, compilations=traces
-        )
-        p_eval_step = make_p_eval_step(model, objective, compilations=traces)
+            model, beta_fn, lr_fn, objective, spike_factor=spike_factor, compilations=traces,
+            precision=precision,
+        )  # fmt: skip
+        p_eval_step = make_p_eval_step(model, objective, compilations=traces, precision=precision)
         eval_key = runs.eval_key(config)
 
     def member_metrics(step_metrics: dict, k: int) -> dict:
