@@ -141,9 +141,9 @@ def schedule_name(config: dict) -> str:
     """The β schedule's name, and the learning rate's where it is not the official pairing
     (cyclical β with the restarted cosine lr, any other β with a constant lr)."""
     beta = config["beta_schedule"]["name"]
-    lr = config.get("lr_schedule", {}).get("name", "constant")
     name = beta.replace("_", " ").capitalize()
-    if lr != ("cyclical_cosine_lr" if beta == "cyclical" else "constant"):
+    lr = config.get("lr_schedule", {}).get("name")  # None: a record without it (older runs)
+    if lr is not None and lr != ("cyclical_cosine_lr" if beta == "cyclical" else "constant"):
         name += ", lr " + ("restarts" if lr == "cyclical_cosine_lr" else lr.replace("_", " "))
     return name
 

@@ -268,13 +268,19 @@ def test_ptb_variants_build_their_schedules(variant):
     epochs = np.array([0, 100, 450, 900, 1000, 1450, 3999])
     beta, lr = np.asarray(beta_fn(epochs)), np.asarray(lr_fn(epochs))
     _, variant = objectives.split_variant(variant)  # a remedy's variant: its schedule's
-    if variant in ("cyclical", "savae_size", "savae_cyclical"):
+    # lr restarts every 10 epochs and is held within an epoch: epoch 9.99 uses epoch 9's.
+    restarts = 1e-3 * 0.5 * (1 + np.cos(np.pi * np.array([0, 1, 4, 9, 0, 4, 9]) / 10))
+    if variant in ("cyclical", "savae_size", "savae_cyclical", "cyclical_lr_constant"):
         np.testing.assert_allclose(beta, [0.1, 0.3, 1.0, 1.0, 0.1, 1.0, 1.0], atol=1e-6)
-        # lr restarts every 10 epochs and is held within an epoch: epoch 9.99 uses epoch 9's.
-        expect = 1e-3 * 0.5 * (1 + np.cos(np.pi * np.array([0, 1, 4, 9, 0, 4, 9]) / 10))
-        np.testing.assert_allclose(lr, expect, rtol=1e-5)
-    elif variant in ("monotonic", "savae_monotonic"):
+        if variant == "cyclical_lr_constant":  # the β cycles alone
+            np.testing.assert_allclose(lr, 1e-3)
+        else:
+            np.testing.assert_allclose(lr, restarts, rtol=1e-5)
+    elif variant in ("monotonic", "savae_monotonic", "monotonic_lr_restarts"):
         np.testing.assert_allclose(beta, [0.1, 0.2, 0.55, 1.0, 1.0, 1.0, 1.0], atol=1e-6)
-        np.testing.assert_allclose(lr, 1e-3)
+        if variant == "monotonic_lr_restarts":  # the lr restarts alone
+            np.testing.assert_allclose(lr, restarts, rtol=1e-5)
+        else:
+            np.testing.assert_allclose(lr, 1e-3)
     else:
         np.testing.assert_allclose(beta, 1.0)
