@@ -144,6 +144,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Directory for workdirs and results.")
     parser.add_argument("--steps", type=int, default=40_000, help="Iterations per schedule.")
+    parser.add_argument(
+        "--schedules",
+        default=",".join(SCHEDULES),
+        help="Comma-separated variants of configs/synthetic.py, e.g. the β × lr 2 × 2: "
+        "monotonic,cyclical,monotonic_lr_restarts,cyclical_lr_restarts.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=100, help="z samples per sequence.")
     parser.add_argument(
@@ -154,6 +160,12 @@ def main() -> None:
         parser.error(f"--seeds={args.seeds}: must be >= 1.")
     if args.steps < 40:
         parser.error(f"--steps={args.steps}: must be >= 40 (4 cycles of at least 10 steps).")
+    schedules = [v for v in args.schedules.split(",") if v]
+    for variant in schedules:  # every variant checked before the first run trains
+        try:
+            load_config(variant)
+        except ValueError as e:
+            parser.error(f"--schedules: {e}")
     host.tune_cpu_host()  # as `vae_jax.main` does: see vae_jax.host
     logging.set_verbosity(logging.INFO)  # the training loop's progress lines
     os.makedirs(args.out, exist_ok=True)
@@ -161,7 +173,7 @@ def main() -> None:
     snapshot_steps = sorted({max(1, round(s * args.steps / 40_000)) for s in SNAPSHOTS_AT_40K})
     window = max(1, round(1_000 * args.steps / 40_000))
     summary, histories, latents = {}, {}, {}
-    for variant in SCHEDULES:
+    for variant in schedules:
         config, model, state, snapshots, sequences, seconds = run_schedule(
             variant, args, set(snapshot_steps)
         )

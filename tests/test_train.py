@@ -212,3 +212,23 @@ def test_keep_period_counts_epochs_where_given():
     assert train.keep_period(config, steps_per_epoch=7) == 70
     with pytest.raises(ValueError, match="checkpoint_keep_every_epochs=10: .* has no epochs"):
         train.keep_period(config, steps_per_epoch=None)
+
+
+def test_synthetic_lr_restart_variants_make_the_two_by_two():
+    """configs/synthetic.py's β × lr 2 × 2: the restart variants keep their β schedule and
+    restart a cosine lr with each of the 4 cycles; the plain ones keep lr 1e-3."""
+    import numpy as np
+    import synthetic  # configs/synthetic.py
+
+    for beta in ("monotonic", "cyclical"):
+        plain, restarts = synthetic.get_config(beta), synthetic.get_config(f"{beta}_lr_restarts")
+        plain.num_train_steps = restarts.num_train_steps = 400  # cycles of 100 steps
+        assert restarts.beta_schedule.to_dict() == plain.beta_schedule.to_dict()
+        _, lr_plain = train.make_schedules(plain, None)
+        _, lr = train.make_schedules(restarts, None)
+        steps = np.array([0, 50, 99, 100, 150, 300])
+        np.testing.assert_allclose(np.asarray(lr_plain(steps)), 1e-3)
+        want = 0.5e-3 * (1 + np.cos(np.pi * (steps % 100) / 100))
+        np.testing.assert_allclose(np.asarray(lr(steps)), want, rtol=1e-4, atol=1e-9)
+    out = run_python(["experiments/synthetic_10seq.py", "--out", "/nonexistent", "--schedules=x"])
+    assert out.returncode == 2 and "--schedules: configs/synthetic.py:x" in out.stderr
