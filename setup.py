@@ -11,7 +11,7 @@ setup(
     ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["vae_jax", "vae_jax.*"]),
+    packages=find_packages(include=["vae_jax", "vae_jax.*", "configs", "configs.*"]),
     python_requires=">=3.11",
     install_requires=[
         # No upper bound: GPU images ship a newer jax (0.11 on Python 3.12) that must be

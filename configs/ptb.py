@@ -11,7 +11,7 @@
     python -m vae_jax.main --config=configs/ptb.py:bn_vae --workdir=runs/ptb_bn_vae
     python -m vae_jax.main --config=configs/ptb.py:cyclical_lr_constant --workdir=runs/ptb_cyc_lr1
     python -m vae_jax.main --config=configs/ptb.py:monotonic_lr_restarts --workdir=runs/ptb_mono_lr
-    python experiments/ptb_table.py runs/ptb_*                       # the Table 1 layout
+    python experiments/table1_ptb.py runs/ptb_*                       # the Table 1 layout
 
 Reads Mikolov's ``ptb.{train,valid,test}.txt`` from ``config.data.data_dir`` (default
 ``$VAE_JAX_DATA_DIR/ptb``); the TFDS build goes to ``config.data.tfds_dir`` (default
@@ -35,7 +35,7 @@ As the official PTB code (Fu et al.'s ``language_model``, from Kim et al.'s SA-V
   learning rate (the official scripts tie cyclical β to the restarted cosine lr and monotonic
   β to a constant one): cyclical β with lr 1e-3 throughout, and monotonic β with the cosine lr
   restarted every 10 epochs (`configs/sweeps/ptb_ablation.py`).
-- ``:savae_cyclical``, ``:savae_monotonic``: SA-VAE (Kim et al. 2018; `vae_jax.savae`) with
+- ``:savae_cyclical``, ``:savae_monotonic``: SA-VAE (Kim et al. 2018; `vae_jax.core.savae`) with
   that schedule, the same sizes: K = 10 SVI steps of SGD with momentum 0.5 on each sentence's
   β-ELBO (β from the schedule), end-to-end training through them. The reference descends the
   mean over its 32-sentence batch with lr 1 and clips the batch's gradient at 5: per sentence,
@@ -63,7 +63,8 @@ bound exp((ΣRec + ΣKL)/#predicted tokens). The best epoch by valid PPL bound i
 
 import ml_collections
 
-from vae_jax import models, objectives, savae
+from configs import common
+from vae_jax.core import objectives
 
 CNN_LENGTH = 201  # the longest row after <s>: max_length words and </s>
 BASE = (
@@ -78,17 +79,8 @@ VARIANTS = BASE + tuple(
 
 
 def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/ptb.py:{variant}: variant must be one of {VARIANTS}.")
-    remedy, variant = objectives.split_variant(variant)
-    config = ml_collections.ConfigDict()
-    config.seed = 0  # parameters and noise
-    config.data_seed = -1  # the data order; -1: config.seed
-    # A population (vae_jax.population): this many members, seeds seed … seed+K−1, trained
-    # as one vmapped program on the same batches; population_fields gives per-member values
-    # of named fields, e.g. (("beta_schedule.ratio", (0.25, 0.5, 0.75)),).
-    config.population_size = 1
-    config.population_fields = ()
+    remedy, variant = common.split_variant("configs/ptb.py", variant, VARIANTS)
+    config = common.new_config()
     config.num_epochs = 40
     config.num_train_steps = -1  # derived: num_epochs × steps per epoch
     config.batch_size = 32
@@ -97,21 +89,8 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.eval_every_epochs = 1
     config.eval_every_steps = -1  # unused while eval_every_epochs is set
 
-    # Checkpoints also at every epoch end and at the end; the last few are kept.
-    config.checkpoint_every_steps = 1_000
-    config.checkpoints_to_keep = 3
-    # Every checkpoint at a multiple of this many steps is kept too (0: none), so the last one
-    # written before a divergence is not rotated out by the diverged ones after it.
-    config.checkpoint_keep_period = 20_000
-    # Consecutive steps with a non-finite loss or gradient (skipped) before giving up.
-    config.max_nonfinite_steps = 10
-    # Several processes: seconds without progress (a step or an evaluation batch) before a
-    # process ends the run rather than wait forever in a collective for another (0: never).
-    config.collective_timeout_s = 1800.0
-    # Loss-spike guard (off at factor 0): a step whose loss exceeds factor x the median of the
-    # last `window` applied steps' losses is not applied; action "skip" goes on (and stops
-    # after max_nonfinite_steps such steps in a row), "stop" ends the run at once.
-    config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
+    common.checkpointing(config, every_steps=1_000, keep_period=20_000)
+    common.guards(config)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "ptb"
@@ -125,7 +104,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.data.bucket_lengths = (12, 16, 20, 24, 28, 32, 40, 48, 64, 96)
     # "fixed": the batches drawn for epoch 1 are kept and only their order is reshuffled each
     # epoch, as the official data (Kim et al.'s preprocess_text.py) fixes them once;
-    # "per_epoch" draws new batches every epoch (vae_jax.input_pipeline.LengthBatcher).
+    # "per_epoch" draws new batches every epoch (vae_jax.data.batching.LengthBatcher).
     config.data.batch_composition = "fixed"
 
     config.model = ml_collections.ConfigDict()
@@ -138,32 +117,11 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.5
     config.model.dec_dropout_out = 0.5
     config.model.init_scale = 0.1
-    # Layers (kernels: "auto", "cpu", "plain"; dtype: "float32", "bfloat16") and the encoder
-    # ("lstm" or "cnn", deterministic for an autoencoder): vae_jax.models.VAE's fields.
-    config.model.update(models.options(cnn_length=CNN_LENGTH))
-    # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
-    config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
-    config.model.bn_momentum = 0.9
-    # SA-VAE's SVI refinement at the reference's settings (vae_jax.savae.SAVAE: svi_lr,
-    # svi_momentum, svi_max_grad_norm, ...); svi_steps = 0 is the plain VAE.
     sa_vae = variant in ("savae_cyclical", "savae_monotonic")
-    config.model.update(savae.svi_defaults(svi_steps=10 if sa_vae else 0))
+    common.vae_layers(config, remedy=remedy, svi_steps=10 if sa_vae else 0, cnn_length=CNN_LENGTH)
 
-    # Rec + β·KL, or a KL-vanishing remedy in its place (vae_jax.objectives; any variant takes
-    # --config.objective=free_bits|dg_vae); each remedy's hyperparameters in its own section.
-    config.objective = "beta_elbo" if remedy == "bn_vae" else remedy
-    for name, fields in objectives.DEFAULTS.items():
-        config[name] = ml_collections.ConfigDict(fields)
-    # Start from another run's parameters (a workdir), re-initialising the top-level
-    # parameters whose names start with one of init_reset (e.g. ("dec",): the decoder).
-    config.init_from = ""
-    config.init_reset = ()
-    # Matmul precision of the train and eval steps (jax.default_matmul_precision's names).
-    # "highest": float32 products are float32 on every backend (GPUs default to TF32, TPUs to
-    # one bfloat16 pass), so the paper figures and the layer-set agreement hold there too; the
-    # CPU computes float32 exactly either way, so it costs nothing here. "default" trades that
-    # for speed on an accelerator; bfloat16 layers (model.dtype) keep their one pass.
-    config.matmul_precision = "highest"
+    common.objective(config, remedy)
+    common.init_and_precision(config)
     config.grad_clip_norm = 5.0
     # best/ keeps the parameters of the lowest valid PPL bound; "rec" for an autoencoder (β = 0,
     # e.g. the pre-training of Li et al.'s recipe), whose KL is not part of its objective.

@@ -9,12 +9,12 @@ on SwitchBoard, plain and with the bag-of-words loss, each with a monotonic and 
     python -m vae_jax.main --config=configs/swda.py:cvae_cyclical:5 --workdir=...  # ≤ 5 cycles
     python -m vae_jax.main --config=configs/swda.py:tiny --workdir=/tmp/swda_tiny  # tests
     python -m vae_jax.evaluate --workdir=runs/swda_cvae_cyc --checkpoint=best   # Table 2
-    python experiments/dialog_table.py runs/swda_*
+    python experiments/table2_dialog.py runs/swda_*
 
 **Stand-in training data (a documented deviation).** The NeuralDialog-CVAE training split
 (2,316 dialogs of all of Switchboard) is not available here. Training uses a stand-in: the
 ~1,100 conversations of the 1997 SwDA release that are not among the real valid/test dialogs
-(`vae_jax.datasets.swda`, checked disjoint); valid and test are the real ones (60 and 62
+(`vae_jax.dialog.swda`, checked disjoint); valid and test are the real ones (60 and 62
 dialogs). The vocabulary (10,000 words) and topics come from the stand-in's train split.
 
 As the official code (``dialog/config_utils_{bl,cyc}.py``, ``models/cvae_{bl,cyc}.py``, with
@@ -36,7 +36,7 @@ As the official code (``dialog/config_utils_{bl,cyc}.py``, ``models/cvae_{bl,cyc
   cycle (``lr_schedule``, a field of its own: set ``--config.lr_schedule.name=constant
   --config.lr_schedule.value=1e-3`` to keep the β cycles alone);
 - validation every 1,716 steps (a third of a cycle), at most 60 validations (20 cycles'
-  steps), and the official early stopping (`vae_jax.early_stopping`: patience 10
+  steps), and the official early stopping (`vae_jax.run.early_stopping`: patience 10
   validations, raised to 2 v at the v-th validation that improves the valid −ELBO by 0.4%);
   ``best/`` keeps the parameters of the lowest valid −ELBO (by the PPL bound, its ranking on
   one split), the checkpoint the official code tests;
@@ -54,7 +54,7 @@ The official monotonic script validates every 3,000 steps; here both schedules v
 
 import ml_collections
 
-from vae_jax import objectives
+from configs import common
 
 VARIANTS = (
     "cvae_monotonic", "cvae_cyclical", "cvae_bow_monotonic", "cvae_bow_cyclical",
@@ -81,11 +81,7 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     num_cycles = int(counts[0]) if counts else (2 if tiny else DEFAULT_CYCLES)
     cycle = int(counts[1]) if len(counts) > 1 else (6 if tiny else CYCLE_STEPS)
     scale = cycle / CYCLE_STEPS  # of every step count: 1 but for shortened runs
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.data_seed = -1
-    config.population_size = 1
-    config.population_fields = ()
+    config = common.new_config()
     config.num_epochs = -1  # a fixed number of steps: cycles × CYCLE_STEPS
     config.num_train_steps = num_cycles * cycle
     config.batch_size = 4 if tiny else 30
@@ -93,18 +89,12 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.log_every_steps = 2 if tiny else 100
     config.eval_every_epochs = -1
     config.eval_every_steps = max(cycle // 3, 1)  # the official 1,716 for 5,148
-    config.checkpoint_every_steps = 1_000
-    config.checkpoints_to_keep = 3
-    config.checkpoint_keep_period = 0
-    # Zhao et al.'s early stopping (`vae_jax.early_stopping`); patience 0: off.
+    common.checkpointing(config, every_steps=1_000, keep_period=0)
+    # Zhao et al.'s early stopping (`vae_jax.run.early_stopping`); patience 0: off.
     config.early_stopping = ml_collections.ConfigDict(
         {"patience": 10, "improve_threshold": 0.996, "patience_increase": 2.0}
     )
-    config.max_nonfinite_steps = 10
-    # Several processes: seconds without progress (a step or an evaluation batch) before a
-    # process ends the run rather than wait forever in a collective for another (0: never).
-    config.collective_timeout_s = 1800.0
-    config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
+    common.guards(config)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "swda"
@@ -136,17 +126,8 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
         )  # fmt: skip
         config.data.max_vocab = 200
 
-    config.objective = "beta_elbo"
-    for objective, fields in objectives.DEFAULTS.items():
-        config[objective] = ml_collections.ConfigDict(fields)
-    config.init_from = ""
-    config.init_reset = ()
-    # Matmul precision of the train and eval steps (jax.default_matmul_precision's names).
-    # "highest": float32 products are float32 on every backend (GPUs default to TF32, TPUs to
-    # one bfloat16 pass), so the paper figures and the layer-set agreement hold there too; the
-    # CPU computes float32 exactly either way, so it costs nothing here. "default" trades that
-    # for speed on an accelerator; bfloat16 layers (model.dtype) keep their one pass.
-    config.matmul_precision = "highest"
+    common.objective(config)
+    common.init_and_precision(config)
     config.grad_clip_norm = 5.0
     config.best_metric = "ppl_bound"  # best/ by the valid PPL bound (runs.BEST_METRICS)
     config.schedule_unit = "steps"

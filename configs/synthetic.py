@@ -3,7 +3,7 @@
     python -m vae_jax.main --config=configs/synthetic.py:cyclical --workdir=runs/synth_cyclical
     python -m vae_jax.main --config=configs/synthetic.py:monotonic --workdir=runs/synth_monotonic
     python -m vae_jax.main --config=configs/synthetic.py:constant --workdir=runs/synth_constant
-    python experiments/synthetic_10seq.py --out runs/synthetic     # all three + figures
+    python experiments/fig3_synthetic.py --out runs/synthetic     # all three + figures
     python -m vae_jax.main --config=configs/synthetic.py:savae_cyclical --workdir=runs/synth_sa
 
 Reproduces the comparison of constant β = 1, monotonic (linear ramp 0 → 1 over the first quarter
@@ -23,18 +23,19 @@ The paper does not publish its generator; the choices made here:
 - Optimisation: Adam, learning rate 1e-3, global-norm clipping 5, batch 32, 40K iterations.
 
 ``:free_bits[_<schedule>]`` and ``:dg_vae[_<schedule>]`` (cyclical by default) train the same
-model with a KL-vanishing remedy in place of the KL term (``vae_jax.objectives``; free bits with
-λ = 0.5 nats per dimension, DG-VAE's density gap of 32 samples per sequence over the batch);
+model with a KL-vanishing remedy in place of the KL term (``vae_jax.core.objectives``; free
+bits with λ = 0.5 nats per dimension, DG-VAE's density gap of 32 samples per sequence over the
+batch);
 ``:bn_vae[_<schedule>]`` batch-normalises μ with a fixed γ = 0.5 (BN-VAE, Zhu et al. 2020).
 
 ``:monotonic_lr_restarts`` and ``:cyclical_lr_restarts`` restart the learning rate on a cosine
 with each of 4 cycles (lr = ½·10⁻³·(1 + cos(π τ)), τ the position in the cycle), so that with
 ``:monotonic`` and ``:cyclical`` (constant lr) they make the 2 × 2 of β schedule × learning
-rate (``python experiments/synthetic_10seq.py
+rate (``python experiments/fig3_synthetic.py
 --schedules=monotonic,cyclical,monotonic_lr_restarts,cyclical_lr_restarts``).
 
 ``:savae_<schedule>`` (or ``--config.model.svi_steps=K`` on any variant) trains the same model as
-an SA-VAE (Kim et al. 2018, `vae_jax.savae`): 10 SVI steps on each sequence's β-ELBO refine the
+an SA-VAE (Kim et al. 2018, `vae_jax.core.savae`): 10 SVI steps on each sequence's β-ELBO refine the
 encoder's posterior, with the PTB reference's settings (``configs/ptb.py``). Fixed-step SVI is
 stable only while the posterior variance σ² exceeds about α/(2(1 + γ)) ≈ 0.01 here, and these
 posteriors can get sharper (it is then held back by the clipping): check ``svi_lr`` against
@@ -43,7 +44,8 @@ them.
 
 import ml_collections
 
-from vae_jax import models, objectives, savae
+from configs import common
+from vae_jax.core import objectives
 
 SCHEDULES = ("constant", "monotonic", "cyclical")
 # β cycles or learning-rate restarts (the PTB ablation's 2 × 2 on this task): the learning rate
@@ -59,17 +61,8 @@ VARIANTS = (
 
 
 def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
-    if variant not in VARIANTS:
-        raise ValueError(f"configs/synthetic.py:{variant}: variant must be one of {VARIANTS}.")
-    remedy, variant = objectives.split_variant(variant)
-    config = ml_collections.ConfigDict()
-    config.seed = 0  # parameters and noise
-    config.data_seed = -1  # the data order; -1: config.seed
-    # A population (vae_jax.population): this many members, seeds seed … seed+K−1, trained
-    # as one vmapped program on the same batches; population_fields gives per-member values
-    # of named fields, e.g. (("beta_schedule.ratio", (0.25, 0.5, 0.75)),).
-    config.population_size = 1
-    config.population_fields = ()
+    remedy, variant = common.split_variant("configs/synthetic.py", variant, VARIANTS)
+    config = common.new_config()
     config.num_train_steps = 40_000
     config.batch_size = 32
     config.eval_batch_size = 16
@@ -77,21 +70,8 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.eval_every_steps = 1_000
     config.steps_per_epoch = -1  # synthetic data is a stream without epochs
 
-    # Checkpoints also at every epoch end and at the end; the last few are kept.
-    config.checkpoint_every_steps = 5_000
-    config.checkpoints_to_keep = 3
-    # Every checkpoint at a multiple of this many steps is kept too (0: none), so the last one
-    # written before a divergence is not rotated out by the diverged ones after it.
-    config.checkpoint_keep_period = 10_000
-    # Consecutive steps with a non-finite loss or gradient (skipped) before giving up.
-    config.max_nonfinite_steps = 10
-    # Several processes: seconds without progress (a step or an evaluation batch) before a
-    # process ends the run rather than wait forever in a collective for another (0: never).
-    config.collective_timeout_s = 1800.0
-    # Loss-spike guard (off at factor 0): a step whose loss exceeds factor x the median of the
-    # last `window` applied steps' losses is not applied; action "skip" goes on (and stops
-    # after max_nonfinite_steps such steps in a row), "stop" ends the run at once.
-    config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
+    common.checkpointing(config, every_steps=5_000, keep_period=10_000)
+    common.guards(config)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"
@@ -109,31 +89,11 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.dec_dropout_in = 0.0
     config.model.dec_dropout_out = 0.0
     config.model.init_scale = 0.1
-    # Layers (kernels: "auto", "cpu", "plain"; dtype: "float32", "bfloat16") and the encoder
-    # ("lstm" or "cnn", deterministic for an autoencoder): vae_jax.models.VAE's fields.
-    config.model.update(models.options(cnn_length=CNN_LENGTH))
-    # BN-VAE (vae_jax.models.VAE.bn_gamma): batch-normalised μ with a fixed scale γ; 0 is off.
-    config.model.bn_gamma = objectives.BN_VAE_GAMMA if remedy == "bn_vae" else 0.0
-    config.model.bn_momentum = 0.9
-    # SA-VAE's SVI refinement at the reference's settings (vae_jax.savae.SAVAE: svi_lr,
-    # svi_momentum, svi_max_grad_norm, ...); svi_steps = 0 is the plain VAE.
-    config.model.update(savae.svi_defaults(svi_steps=10 if variant.startswith("savae_") else 0))
+    svi_steps = 10 if variant.startswith("savae_") else 0
+    common.vae_layers(config, remedy=remedy, svi_steps=svi_steps, cnn_length=CNN_LENGTH)
 
-    # Rec + β·KL, or a KL-vanishing remedy in its place (vae_jax.objectives; any variant takes
-    # --config.objective=free_bits|dg_vae); each remedy's hyperparameters in its own section.
-    config.objective = "beta_elbo" if remedy == "bn_vae" else remedy
-    for name, fields in objectives.DEFAULTS.items():
-        config[name] = ml_collections.ConfigDict(fields)
-    # Start from another run's parameters (a workdir), re-initialising the top-level
-    # parameters whose names start with one of init_reset (e.g. ("dec",): the decoder).
-    config.init_from = ""
-    config.init_reset = ()
-    # Matmul precision of the train and eval steps (jax.default_matmul_precision's names).
-    # "highest": float32 products are float32 on every backend (GPUs default to TF32, TPUs to
-    # one bfloat16 pass), so the paper figures and the layer-set agreement hold there too; the
-    # CPU computes float32 exactly either way, so it costs nothing here. "default" trades that
-    # for speed on an accelerator; bfloat16 layers (model.dtype) keep their one pass.
-    config.matmul_precision = "highest"
+    common.objective(config, remedy)
+    common.init_and_precision(config)
     config.grad_clip_norm = 5.0
     config.best_metric = "ppl_bound"  # best/ by the valid PPL bound (runs.BEST_METRICS)
     # Schedule fields are in steps (schedule_unit "epochs" multiplies them by steps per epoch).

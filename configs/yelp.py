@@ -44,7 +44,7 @@ length (the official ones are random, padded to 25).
 
 import ml_collections
 
-from vae_jax import models, objectives, savae
+from configs import common
 
 VARIANTS = ("ae", "monotonic", "cyclical", "free_bits", "tiny")
 # Free bits' floor in all, shared out over z's dimensions: 16 nats, the total that Li et al.'s
@@ -56,11 +56,7 @@ EPOCHS = 100
 def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"configs/yelp.py:{variant}: variant must be one of {VARIANTS}.")
-    config = ml_collections.ConfigDict()
-    config.seed = 0  # parameters and noise
-    config.data_seed = -1  # the data order; -1: config.seed
-    config.population_size = 1
-    config.population_fields = ()
+    config = common.new_config()
     config.num_epochs = EPOCHS
     config.num_train_steps = -1
     config.batch_size = 32
@@ -68,17 +64,11 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.eval_every_epochs = 1
     config.eval_every_steps = -1
-    config.checkpoint_every_steps = 2_000
-    config.checkpoints_to_keep = 3
-    config.checkpoint_keep_period = 0
+    common.checkpointing(config, every_steps=2_000, keep_period=0)
     # Each cycle's end (epochs 10, 20, …, 100) is kept besides the last and the best, so the
-    # classifier can read the features of every cycle (`experiments/yelp_classify.py`).
+    # classifier can read the features of every cycle (`experiments/table3_classify.py`).
     config.checkpoint_keep_every_epochs = 10
-    config.max_nonfinite_steps = 10
-    # Several processes: seconds without progress (a step or an evaluation batch) before a
-    # process ends the run rather than wait forever in a collective for another (0: never).
-    config.collective_timeout_s = 1800.0
-    config.loss_spike = ml_collections.ConfigDict({"factor": 0.0, "window": 50, "action": "skip"})
+    common.guards(config)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "yelp_10pct"
@@ -103,27 +93,14 @@ def get_config(variant: str = "cyclical") -> ml_collections.ConfigDict:
     config.model.init_scale = 0.1
     # The CNN encoder's window holds the longest row after <s> (15 words and </s>) and more,
     # as the official window of 25 = 17 + 2·4 does; an autoencoder's z is μ.
-    config.model.update(
-        models.options(
-            encoder="cnn", cnn_filters=(300, 600, 900), cnn_width=5, cnn_stride=2,
-            cnn_length=17, deterministic=variant == "ae", embedding="shared_normalized",
-        )
+    common.vae_layers(
+        config, remedy="beta_elbo", svi_steps=0,
+        encoder="cnn", cnn_filters=(300, 600, 900), cnn_width=5, cnn_stride=2,
+        cnn_length=17, deterministic=variant == "ae", embedding="shared_normalized",
     )  # fmt: skip
-    config.model.bn_gamma = 0.0
-    config.model.bn_momentum = 0.9
-    config.model.update(savae.svi_defaults(svi_steps=0))
 
-    config.objective = "beta_elbo"
-    for name, fields in objectives.DEFAULTS.items():
-        config[name] = ml_collections.ConfigDict(fields)
-    config.init_from = ""
-    config.init_reset = ()
-    # Matmul precision of the train and eval steps (jax.default_matmul_precision's names).
-    # "highest": float32 products are float32 on every backend (GPUs default to TF32, TPUs to
-    # one bfloat16 pass), so the paper figures and the layer-set agreement hold there too; the
-    # CPU computes float32 exactly either way, so it costs nothing here. "default" trades that
-    # for speed on an accelerator; bfloat16 layers (model.dtype) keep their one pass.
-    config.matmul_precision = "highest"
+    common.objective(config)
+    common.init_and_precision(config)
     config.grad_clip_norm = float("inf")  # the official code does not clip
     # best/ by the valid PPL bound; the autoencoder's by Rec, its KL being no objective (z = μ).
     config.best_metric = "rec" if variant == "ae" else "ppl_bound"

@@ -21,8 +21,9 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# configs/*.py and experiments/*.py as importable modules (`import synthetic`, `import ptb`).
-for folder in ("configs", "experiments"):
+# configs/*.py, experiments/*.py and benchmarks/*.py as importable modules (`import synthetic`,
+# `import table1_ptb`, `import benchmark`), as each script imports its siblings.
+for folder in ("configs", "experiments", "benchmarks"):
     if str(REPO / folder) not in sys.path:
         sys.path.insert(0, str(REPO / folder))
 

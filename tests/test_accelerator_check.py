@@ -1,9 +1,9 @@
-"""experiments/accelerator_check.py at a tiny size on the CPU: rows, projection, PTB run."""
+"""benchmarks/accelerator_check.py at a tiny size on the CPU: rows, projection, PTB run."""
 
 import json
 import math
 
-import accelerator_check  # experiments/accelerator_check.py
+import accelerator_check  # benchmarks/accelerator_check.py
 import benchmark
 import pytest
 from test_input_pipeline import write_corpus

@@ -7,7 +7,8 @@ import pytest
 from test_input_pipeline import tiny_ptb_config
 
 import vae_jax
-from vae_jax import evaluate, generate, runs, train, writers
+from vae_jax import evaluate, generate
+from vae_jax.run import build, loop, workdirs, writers
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def ptb_run(tmp_path_factory):
     config = tiny_ptb_config(root)
     config.update(num_epochs=1, log_every_steps=10)
     workdir = root / "run"
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
     corpus = root / "ptb_moved"
     shutil.move(config.data.data_dir, corpus)
     shutil.rmtree(config.data.tfds_dir)
@@ -26,7 +27,7 @@ def ptb_run(tmp_path_factory):
 
 def test_a_run_stores_its_vocabulary_and_evaluation_splits(ptb_run):
     workdir, _ = ptb_run
-    assert (workdir / runs.VOCAB).is_file() and (workdir / runs.SPLITS).is_file()
+    assert (workdir / workdirs.VOCAB).is_file() and (workdir / workdirs.SPLITS).is_file()
 
 
 def test_evaluate_and_generate_without_the_corpus(ptb_run, capsys):
@@ -66,14 +67,14 @@ def test_an_older_workdir_without_its_vocabulary_names_the_file(ptb_run):
     workdir, corpus = ptb_run
     old = workdir.parent / "old"
     shutil.copytree(workdir, old)
-    (old / runs.VOCAB).unlink()
-    (old / runs.SPLITS).unlink()
+    (old / workdirs.VOCAB).unlink()
+    (old / workdirs.SPLITS).unlink()
     with pytest.raises(FileNotFoundError) as err:
-        runs.load_run(str(old))
+        build.load_run(str(old))
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith(str(old / runs.VOCAB)) and "--data_dir=" in message
+    assert message.startswith(str(old / workdirs.VOCAB)) and "--data_dir=" in message
     # Read once from the corpus, it stores them, and the next reader needs no corpus.
-    runs.load_run(str(old), data_dir=str(corpus))
-    assert (old / runs.VOCAB).is_file() and (old / runs.SPLITS).is_file()
-    assert runs.load_run(str(old))[1].info["stored_in"] == str(old)
+    build.load_run(str(old), data_dir=str(corpus))
+    assert (old / workdirs.VOCAB).is_file() and (old / workdirs.SPLITS).is_file()
+    assert build.load_run(str(old))[1].info["stored_in"] == str(old)

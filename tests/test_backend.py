@@ -1,4 +1,4 @@
-"""vae_jax.backend: matmul precision in the compiled steps, the platform record, the cache."""
+"""vae_jax.run.backend: matmul precision in the compiled steps, the platform record, the cache."""
 
 import json
 import os
@@ -9,24 +9,25 @@ import jax
 import pytest
 from conftest import REPO, run_python, tiny_synthetic_config
 
-from vae_jax import backend, config_checks, input_pipeline, objectives, runs, train
+from vae_jax.core import objectives
+from vae_jax.run import backend, build, config_checks, loop, steps
 
 
 def _lowered_steps(config, precision):
     """StableHLO text of the pmapped train and eval steps of ``config`` under ``precision``."""
-    data = input_pipeline.get_data(config)
-    model = runs.make_model(config, data.vocab_size)
-    beta_fn, lr_fn = train.make_schedules(config, None)
+    data = build.get_data(config)
+    model = build.make_model(config, data.vocab_size)
+    beta_fn, lr_fn = steps.make_schedules(config, None)
     batch = next(data.train(0))
-    state = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), batch)
-    state = train.replicate(state)
-    sharded = train.shard(batch, 1)
+    state = steps.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), batch)
+    state = steps.replicate(state)
+    sharded = steps.shard(batch, 1)
     objective = objectives.make(config)
-    p_train = train.make_p_train_step(
+    p_train = steps.make_p_train_step(
         model, beta_fn, lr_fn, objective, donate=False, precision=precision
     )
-    p_eval = train.make_p_eval_step(model, objective, precision=precision)
-    keys = train.replicate(jax.random.PRNGKey(1))
+    p_eval = steps.make_p_eval_step(model, objective, precision=precision)
+    keys = steps.replicate(jax.random.PRNGKey(1))
     return (
         p_train.lower(state, sharded).as_text(),
         p_eval.lower(state.params, sharded, keys).as_text(),
@@ -76,9 +77,9 @@ def test_describe_names_backend_layers_dtype_and_precision():
 
 def test_a_run_records_its_platform_at_each_start(tmp_path):
     config = tiny_synthetic_config(steps=4, log_every=2)
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     config.num_train_steps = 6  # resumed: a second entry
-    train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+    loop.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
     entries = backend.read_platform(str(tmp_path))
     assert len(entries) == 2
     assert entries[0]["backend"] == "cpu" and entries[0]["kernels"] == "auto->cpu"

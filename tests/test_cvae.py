@@ -1,12 +1,14 @@
-"""The dialog CVAE (`vae_jax.cvae`) and its objective terms, on hand-made batches (no data)."""
+"""The dialog CVAE (`vae_jax.dialog.cvae`) and its objective terms, on hand-made batches
+(no data)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import cvae, forward, kernels, objectives
-from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
+from vae_jax.core import forward, kernels, objectives
+from vae_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID
+from vae_jax.dialog import cvae
 
 V, TOPICS = 40, 5
 SIZES = dict(

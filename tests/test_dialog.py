@@ -10,9 +10,11 @@ import pytest
 import swda as swda_config  # configs/swda.py
 from conftest import run_python
 
-from vae_jax import config_checks, early_stopping, input_pipeline, runs, train
-from vae_jax.datasets import swda, text
-from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
+from vae_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID
+from vae_jax.data import text
+from vae_jax.dialog import batcher as dialog_batcher
+from vae_jax.dialog import swda
+from vae_jax.run import config_checks, early_stopping, loop, workdirs
 
 ROOT = os.environ.get(text.DATA_DIR_ENV, "")
 needs_swda = pytest.mark.skipif(
@@ -42,7 +44,7 @@ def make_dialog(utterances, speakers, topic=1):
 
 def test_dialog_batcher_windows_floors_profiles_and_truncation():
     d = make_dialog([[4], [5, 6], [7], [8, 9, 10, 11, 12, 13], [14]], [0, 1, 0, 1, 1])
-    batcher = input_pipeline.DialogBatcher([d], 3, window=3, max_utt_len=5, bucket_lengths=(4, 5))
+    batcher = dialog_batcher.DialogBatcher([d], 3, window=3, max_utt_len=5, bucket_lengths=(4, 5))
     assert batcher.rows.tolist() == [[0, 1], [0, 2], [0, 3], [0, 4]]
     assert batcher.steps_per_epoch == 2
     b = batcher.batch(np.array([3, 1]))
@@ -68,12 +70,12 @@ def test_dialog_batcher_epochs_use_every_row_once_in_a_seeded_order():
         make_dialog([[4]] + [[5 + k]] * n, [0, 1] * (n // 2) + [0] * (n % 2 + 1))
         for n, k in ((4, 0), (6, 1))
     ]
-    batcher = input_pipeline.DialogBatcher(dialogs, 4, 3, 6, (6,), seed=3)
+    batcher = dialog_batcher.DialogBatcher(dialogs, 4, 3, 6, (6,), seed=3)
     plans = [np.concatenate(batcher.plan(e)) for e in (0, 1)]
     for plan in plans:
         assert sorted(plan.tolist()) == list(range(len(batcher.rows)))
     assert plans[0].tolist() != plans[1].tolist()
-    again = input_pipeline.DialogBatcher(dialogs, 4, 3, 6, (6,), seed=3)
+    again = dialog_batcher.DialogBatcher(dialogs, 4, 3, 6, (6,), seed=3)
     assert np.concatenate(again.plan(0)).tolist() == plans[0].tolist()
     # Resuming at (epoch 1, batch 1) gives the batches a run from the start gives there.
     stream = batcher.epochs()
@@ -157,7 +159,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dialog")
     config = tiny_config(tmp)
     workdir = str(tmp / "run")
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     return config, workdir, state, tmp
 
 
@@ -175,8 +177,8 @@ def test_training_logs_the_dialog_figures_and_resumes_exactly(trained):
     half = tiny_config(tmp)
     half.num_train_steps = 6
     split = str(tmp / "split")
-    train.train_and_evaluate(half, split)
-    resumed = train.train_and_evaluate(tiny_config(tmp), split, allow_config_change=True)
+    loop.train_and_evaluate(half, split)
+    resumed = loop.train_and_evaluate(tiny_config(tmp), split, allow_config_change=True)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -187,7 +189,7 @@ def plain(trained):
     config = tiny_config(trained[3], steps=4)
     config.model.use_bow = False
     workdir = str(trained[3] / "plain")
-    return config, workdir, train.train_and_evaluate(config, workdir)
+    return config, workdir, loop.train_and_evaluate(config, workdir)
 
 
 @needs_swda
@@ -214,16 +216,16 @@ def test_early_stopping_stops_resumes_exactly_and_stays_stopped(trained, tmp_pat
         c.early_stopping.update(patience=2, improve_threshold=0.5)
         return c
 
-    straight = train.train_and_evaluate(config(), str(tmp_path / "straight"))
+    straight = loop.train_and_evaluate(config(), str(tmp_path / "straight"))
     records = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert [r["step"] for r in records if "early_stopped" in r] == [4]
     assert max(r["step"] for r in records) == 4
     assert int(straight.step) == 4
-    again = train.train_and_evaluate(config(), str(tmp_path / "straight"))
+    again = loop.train_and_evaluate(config(), str(tmp_path / "straight"))
     assert int(again.step) == 4
     assert len(open(tmp_path / "straight" / "metrics.jsonl").readlines()) == len(records)
-    train.train_and_evaluate(config(steps=2), str(tmp_path / "cut"))
-    resumed = train.train_and_evaluate(config(), str(tmp_path / "cut"), allow_config_change=True)
+    loop.train_and_evaluate(config(steps=2), str(tmp_path / "cut"))
+    resumed = loop.train_and_evaluate(config(), str(tmp_path / "cut"), allow_config_change=True)
     assert int(resumed.step) == 4
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -242,7 +244,7 @@ def test_evaluate_and_generate_on_a_dialog_run(trained):
         assert np.isfinite(result[key]), key
     assert "a_bow_f1" not in result and result["word_vectors"] is None
     # The ELBO figures are training's logged ones for the same checkpoint.
-    best = json.load(open(os.path.join(workdir, runs.BEST, "info.json")))
+    best = json.load(open(os.path.join(workdir, workdirs.BEST, "info.json")))
     for key in ("rec", "kl", "bow"):
         assert result[key] == pytest.approx(best["test"][key], rel=1e-5)
     samples = open(os.path.join(workdir, "samples_test.txt")).read()
@@ -262,13 +264,13 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
 ):
     """Table 2 from a CVAE+BoW and a plain-CVAE run, each evaluated once, archived and rebuilt
     from the archive alone; a second seed gives mean ± std; bad input ends in one line."""
-    import dialog_table  # experiments/dialog_table.py
+    import table2_dialog  # experiments/table2_dialog.py
 
     bow_run, plain_run = trained[1], plain[1]
     archive = tmp_path / "archive"
     flags = ["--max_contexts=4", "--num_samples=2", "--show=2"]
     # Without --archive the test evaluation goes to the workdir, as vae_jax.evaluate's does…
-    dialog_table.main([bow_run, plain_run, f"--out={tmp_path / 'first'}", *flags])
+    table2_dialog.main([bow_run, plain_run, f"--out={tmp_path / 'first'}", *flags])
     for run in (bow_run, plain_run):
         assert json.load(open(os.path.join(run, "eval_test.json")))["max_contexts"] == 4
         assert os.path.exists(os.path.join(run, "samples_test.txt"))
@@ -278,8 +280,8 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
 
     # …and is reused from there (same best step and settings) when archiving.
     with monkeypatch.context() as patch:
-        patch.setattr(dialog_table, "evaluate_run", no_evaluation)
-        cols = dialog_table.main(
+        patch.setattr(table2_dialog, "evaluate_run", no_evaluation)
+        cols = table2_dialog.main(
             [bow_run, plain_run, f"--archive={archive}", f"--out={tmp_path / 'first'}", *flags]
         )
     assert [c["label"] for c in cols] == ["CVAE C", "CVAE+BoW C"]
@@ -296,7 +298,7 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
             "config.json", "eval_test.json", "evaluations.json", "samples_test.txt.gz"
         ]  # fmt: skip
         # β and lr at each validation are those training logged at that step.
-        logged = {r["step"]: r for r in dialog_table.writers.read_metrics(run) if "beta" in r}
+        logged = {r["step"]: r for r in table2_dialog.writers.read_metrics(run) if "beta" in r}
         records = json.loads((record / "evaluations.json").read_text())
         evals = [r for r in records if "valid_elbo" in r]
         assert evals and all("valid_rec_ppl" in r and "test_kl" in r for r in evals)
@@ -307,8 +309,8 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
     assert samples.count("## test row") == 2 and samples.count("sample 1 >>") == 4
     assert (tmp_path / "first" / "curves.png").stat().st_size > 0
 
-    monkeypatch.setattr(dialog_table, "evaluate_run", no_evaluation)
-    dialog_table.main([str(archive), f"--out={tmp_path / 'again'}", *flags])
+    monkeypatch.setattr(table2_dialog, "evaluate_run", no_evaluation)
+    table2_dialog.main([str(archive), f"--out={tmp_path / 'again'}", *flags])
     for name in ("table.md", "samples.md"):
         assert (tmp_path / "again" / name).read_text() == (tmp_path / "first" / name).read_text()
 
@@ -319,7 +321,7 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
         record = json.loads((seed1 / name).read_text())
         record[key] += delta
         (seed1 / name).write_text(json.dumps(record))
-    cols = dialog_table.main(
+    cols = table2_dialog.main(
         [str(archive), str(tmp_path / "more"), f"--out={tmp_path / 'seeds'}", *flags]
     )
     assert [c["n"] for c in cols] == [1, 2] and cols[1]["kl_std"] == pytest.approx(2**-0.5)
@@ -337,7 +339,7 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
         ([str(plain_copy)], "eval_test.json: has 'bow' but config.model.use_bow=False"),
     ):
         with pytest.raises(SystemExit) as stop:
-            dialog_table.main([*argv, f"--out={tmp_path / 'never'}", *flags])
+            table2_dialog.main([*argv, f"--out={tmp_path / 'never'}", *flags])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "never").exists()
@@ -346,12 +348,12 @@ def test_dialog_table_archive_round_trip_with_both_kinds_of_rows(
 def test_dialog_table_reads_a_workdirs_stop_best_validation_and_length(tmp_path):
     """A workdir as training leaves it (hand-written): the early stop, the best checkpoint's
     validation, β per validation from the schedule, and steps trained past the last one."""
-    import dialog_table  # experiments/dialog_table.py
+    import table2_dialog  # experiments/table2_dialog.py
 
     config = swda_config.get_config("cvae_monotonic:1:6")  # β warm-up of round(10,000 · 6/5,148)
     workdir = tmp_path / "swda-cvae_monotonic.seed-0"
     (workdir / "best").mkdir(parents=True)
-    runs.save_config(config, str(workdir))
+    workdirs.save_config(config, str(workdir))
     (workdir / "best" / "info.json").write_text(json.dumps({"step": 2}))
     figures = {"elbo": -9.0, "kl": 1.0, "rec_ppl": 50.0}
     records = [{"step": 1, "loss": 3.0, "beta": 0.0, "lr": 1e-3}]
@@ -360,23 +362,23 @@ def test_dialog_table_reads_a_workdirs_stop_best_validation_and_length(tmp_path)
                     for s in ("valid", "test")]  # fmt: skip
     records += [{"step": 4, "early_stopped": 2}, {"step": 5, "loss": 2.0, "beta": 0.5, "lr": 1e-3}]
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    run = dialog_table.read_run(str(workdir))
+    run = table2_dialog.read_run(str(workdir))
     assert (run.variant, run.best_step, run.trained_steps) == ("cvae_monotonic", 2, 5)
-    assert run.early_stopped == 2 and dialog_table.validation_index(run) == 1
+    assert run.early_stopped == 2 and table2_dialog.validation_index(run) == 1
     warmup = config.beta_schedule.warmup_steps
     betas = [r.get("beta") for r in run.evaluations]
     assert betas == pytest.approx([1 / warmup, 3 / warmup, 0.5])  # float32 schedules
     assert "test_kl" in run.evaluations[0] and run.evaluations[-1]["step"] == 5
     result = {"rec_ppl": 50.0, "kl": 1.0, "neg_elbo": 9.0, "contexts": 3, "num_samples": 5}
-    cols = dialog_table.columns([run], [result], list(dialog_table.VARIANTS))
-    note = dialog_table.caption(cols, [result], "")
+    cols = table2_dialog.columns([run], [result], list(table2_dialog.VARIANTS))
+    note = table2_dialog.caption(cols, [result], "")
     assert "best at step 2 (validation 1 of 2), 5 of 6 steps trained" in note
     assert "stopped early at validation 2" in note
-    assert "| BOW loss | — |" in dialog_table.markdown(cols)
+    assert "| BOW loss | — |" in table2_dialog.markdown(cols)
 
 
 def test_dialog_table_states_the_claim_whichever_way_it_falls():
-    import dialog_table  # experiments/dialog_table.py
+    import table2_dialog  # experiments/table2_dialog.py
 
     def col(variant, n, **figures):
         stds = {f"{k}_std": (0.5 if n > 1 else None) for k in figures}
@@ -388,7 +390,7 @@ def test_dialog_table_states_the_claim_whichever_way_it_falls():
         col("cvae_cyclical", 2, kl=1.2, **{**base, "rec_ppl": 45.0}),
         col("cvae_bow_cyclical", 1, kl=9.0, **base),  # no monotonic partner: no line
     ]
-    (line,) = dialog_table.claim(cols).splitlines()
+    (line,) = table2_dialog.claim(cols).splitlines()
     assert line.startswith("- CVAE, C vs M (n = 2, 2):")
     assert "KL(q ‖ p(z|c)) ↑ 1.2 vs 1: as claimed (higher) (within one std)" in line
     assert "Rec-P ↓ 45 vs 40: not as claimed (lower);" in line

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from vae_jax import dialog_metrics as dm
+from vae_jax.dialog import metrics as dm
 
 VECTORS_TEXT = "cat 1 0\ndog 0 1\nneg -3 1\n"
 

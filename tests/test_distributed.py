@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from vae_jax import checkpoints, distributed, writers
+from vae_jax.run import checkpoints, distributed, writers
 
 OVERRIDES = [  # configs/synthetic.py shrunk, with dropout: noise must follow global positions
     "--config.num_train_steps=12", "--config.log_every_steps=4", "--config.eval_every_steps=6",
@@ -96,7 +96,8 @@ def test_process_rows_are_the_devices_rows():
 
 
 def test_processes_that_disagree_are_refused_not_left_hanging(tmp_path):
-    """Before: 200 against 400 steps, both processes hung with no message."""
+    """Two processes given different configs (200 against 400 steps) both exit with status 2
+    and a message naming the field they disagree on, instead of waiting for each other."""
     port = _free_port()
     procs = [
         subprocess.Popen(

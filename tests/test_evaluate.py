@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from conftest import tiny_synthetic_config
 
-from vae_jax import checkpoints, evaluate, metrics, models, objectives, runs, train, writers
-from vae_jax.tokens import BOS_ID, EOS_ID
+from vae_jax import evaluate
+from vae_jax.core import metrics, models, objectives
+from vae_jax.core.tokens import BOS_ID, EOS_ID
+from vae_jax.run import build, checkpoints, loop, writers
 
 
 def tiny_vae(vocab=12, latent=2):
@@ -279,7 +281,7 @@ def test_hole_metrics_known_answers():
 def test_evaluate_command_on_a_short_synthetic_run(tmp_path, capsys):
     workdir = str(tmp_path)
     config = tiny_synthetic_config(steps=40, log_every=20)
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     # The synthetic task has no 'valid' split, hence no best checkpoint: the last one.
     argv = [f"--workdir={workdir}", "--checkpoint=last", "--num_importance_samples", "30"]
     results = evaluate.main([*argv, "--num_prior_samples=500"])
@@ -292,7 +294,7 @@ def test_evaluate_command_on_a_short_synthetic_run(tmp_path, capsys):
     numbers = [v for v in results.values() if isinstance(v, float)]
     assert all(math.isfinite(v) for v in numbers)
     # AU from the posterior means of the split's 10 sequences, computed here independently.
-    _, data, model, params, _ = runs.load_run(workdir, "last")
+    _, data, model, params, _ = build.load_run(workdir, "last")
     mu, _ = model.apply({"params": params}, data.info["sequences"], method=models.VAE.encode)
     variances = np.var(np.asarray(mu, np.float64), axis=0, ddof=1)
     np.testing.assert_allclose(results["au_variances"], variances, rtol=1e-4)
@@ -324,7 +326,7 @@ def test_evaluate_command_errors_name_the_problem(tmp_path):
         evaluate.main([f"--workdir={tmp_path}", "--checkpoint=best"])
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         evaluate.main([f"--workdir={tmp_path}"])  # auto: no best, so the last, and none
-    model = runs.make_model(config, config.data.vocab_size)
+    model = build.make_model(config, config.data.vocab_size)
     params = init_params(model.clone(latent_dim=3))
     checkpoints.save(str(tmp_path / "best"), jax.device_get(params), {"step": 1})
     with pytest.raises(ValueError, match="do not match the model of config.model"):

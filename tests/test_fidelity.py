@@ -1,10 +1,11 @@
-"""experiments/ptb_fidelity.py and official_ptb.py: the comparison with the official PTB code."""
+"""experiments/table1_fidelity.py and table1_official.py: the comparison with the official PTB
+code."""
 
 import json
 
-import official_ptb  # experiments/official_ptb.py, on the path by conftest
-import ptb_fidelity
 import pytest
+import table1_fidelity
+import table1_official  # experiments/table1_official.py, on the path by conftest
 from conftest import run_python
 
 EVAL = (
@@ -39,7 +40,7 @@ def our_run(workdir, seed, evals):
 def test_official_log_gives_each_epochs_validation_figures(tmp_path):
     log = official_log(tmp_path / "a.log", [((120.0, 3.0, 260.0), (1.0, 1.0, 1.0)),
                                             ((112.0, 5.0, 210.0), (2.0, 2.0, 2.0))])  # fmt: skip
-    assert ptb_fidelity.official_evals(str(log)) == {
+    assert table1_fidelity.official_evals(str(log)) == {
         1: {"rec": 120.0, "kl": 3.0, "ppl": 260.0},
         2: {"rec": 112.0, "kl": 5.0, "ppl": 210.0},
     }
@@ -53,7 +54,7 @@ def test_table_gives_means_spreads_and_ratios(tmp_path):
     official_log(tmp_path / "s2.log", [((120.0, 2.0, 254.0), (0, 0, 0))])
     out = tmp_path / "out"
     result = run_python([
-        "experiments/ptb_fidelity.py", "--ours", f"monotonic={sweep}",
+        "experiments/table1_fidelity.py", "--ours", f"monotonic={sweep}",
         "--official", f"monotonic={tmp_path}/s*.log", "--epochs", "1", "2", "--out", str(out),
     ])  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -81,7 +82,7 @@ def test_official_code_substitutions_make_it_run_on_todays_pytorch(tmp_path):
         "layer = nn.LogSoftmax()\n"
         "z = Variable(torch.cuda.FloatTensor(std.size()).normal_(0, 1))\n"
     )
-    assert official_ptb.patched_source(source) == (
+    assert table1_official.patched_source(source) == (
         "a = loss.item()*b\n"
         "torch.nn.utils.clip_grad_norm_(model.parameters(), 5)\n"
         "layer = nn.LogSoftmax(dim=-1)\n"
@@ -91,7 +92,7 @@ def test_official_code_substitutions_make_it_run_on_todays_pytorch(tmp_path):
 
 def test_official_ptb_refuses_a_folder_without_the_code(tmp_path):
     result = run_python([
-        "experiments/official_ptb.py", "train", "--code_dir", str(tmp_path),
+        "experiments/table1_official.py", "train", "--code_dir", str(tmp_path),
         "--work_dir", str(tmp_path / "w"),
     ])  # fmt: skip
     assert result.returncode != 0

@@ -8,8 +8,10 @@ import pytest
 from conftest import tiny_synthetic_config
 from test_evaluate import init_params, tiny_vae
 
-from vae_jax import checkpoints, generate, models, runs
-from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
+from vae_jax import generate
+from vae_jax.core import models
+from vae_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID
+from vae_jax.run import build, checkpoints
 
 
 def test_greedy_tokens_are_the_argmax_of_their_own_teacher_forced_logits():
@@ -46,7 +48,7 @@ def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
     config = tiny_synthetic_config()
     (path / "config.json").write_text(config.to_json_best_effort(), encoding="utf-8")
-    model = runs.make_model(config, config.data.vocab_size)
+    model = build.make_model(config, config.data.vocab_size)
     checkpoints.save(str(path / "best"), init_params(model), {"step": 0})
     return str(path)
 

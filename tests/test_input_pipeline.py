@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import ptb  # configs/ptb.py, on the path by conftest
-import ptb_table  # experiments/ptb_table.py
 import pytest
+import table1_ptb  # experiments/table1_ptb.py
 
-from vae_jax import evaluate, input_pipeline, models, objectives, train, writers
-from vae_jax.tokens import sequence_lengths
+from vae_jax import evaluate
+from vae_jax.core import models, objectives
+from vae_jax.core.tokens import sequence_lengths
+from vae_jax.data import batching
+from vae_jax.run import build, loop, steps, writers
 
 WORDS = [f"w{i}" for i in range(20)]
 
@@ -20,7 +23,7 @@ WORDS = [f"w{i}" for i in range(20)]
 def random_rows(n: int, seed: int = 0, max_words: int = 15) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [
-        input_pipeline.with_boundaries(rng.integers(4, 24, size=rng.integers(1, max_words + 1)))
+        batching.with_boundaries(rng.integers(4, 24, size=rng.integers(1, max_words + 1)))
         for _ in range(n)
     ]
 
@@ -58,7 +61,7 @@ def tiny_ptb_config(tmp_path, variant="cyclical"):
 
 def test_every_sentence_once_per_epoch_in_batches_of_one_length():
     rows = random_rows(300)
-    batcher = input_pipeline.LengthBatcher(rows, 8, (8, 12, 16))
+    batcher = batching.LengthBatcher(rows, 8, (8, 12, 16))
     plans = [batcher.plan(epoch) for epoch in range(3)]
     for plan in plans:
         assert len(plan) == batcher.steps_per_epoch
@@ -68,17 +71,17 @@ def test_every_sentence_once_per_epoch_in_batches_of_one_length():
             assert len({len(rows[i]) for i in indices}) == 1
     # Reshuffled every epoch, reproducibly from the seed.
     assert [b.tolist() for b in plans[0]] != [b.tolist() for b in plans[1]]
-    again = input_pipeline.LengthBatcher(rows, 8, (8, 12, 16)).plan(1)
+    again = batching.LengthBatcher(rows, 8, (8, 12, 16)).plan(1)
     assert [b.tolist() for b in again] == [b.tolist() for b in plans[1]]
-    other_seed = input_pipeline.LengthBatcher(rows, 8, (8, 12, 16), seed=1).plan(1)
+    other_seed = batching.LengthBatcher(rows, 8, (8, 12, 16), seed=1).plan(1)
     assert [b.tolist() for b in other_seed] != [b.tolist() for b in plans[1]]
 
 
 def test_fixed_composition_keeps_the_batches_and_reshuffles_their_order():
     """The official PTB data: batches cut once, their order permuted every epoch."""
     rows = random_rows(300)
-    fixed = input_pipeline.LengthBatcher(rows, 8, (8, 12, 16), composition="fixed")
-    drawn = input_pipeline.LengthBatcher(rows, 8, (8, 12, 16))
+    fixed = batching.LengthBatcher(rows, 8, (8, 12, 16), composition="fixed")
+    drawn = batching.LengthBatcher(rows, 8, (8, 12, 16))
     assert [b.tolist() for b in fixed.plan(0)] == [b.tolist() for b in drawn.plan(0)]
     batches = {tuple(b) for b in fixed.plan(0)}
     for epoch in (1, 2):
@@ -87,12 +90,12 @@ def test_fixed_composition_keeps_the_batches_and_reshuffles_their_order():
         assert [tuple(b) for b in plan] != [tuple(b) for b in fixed.plan(epoch - 1)]
         assert {tuple(b) for b in drawn.plan(epoch)} != batches
     with pytest.raises(ValueError, match="config.data.batch_composition='once'"):
-        input_pipeline.LengthBatcher(rows, 8, (8, 12, 16), composition="once")
+        batching.LengthBatcher(rows, 8, (8, 12, 16), composition="once")
 
 
 def test_batches_are_padded_to_buckets_and_resume_mid_epoch():
     rows = random_rows(100)
-    batcher = input_pipeline.LengthBatcher(rows, 8, (6, 10))
+    batcher = batching.LengthBatcher(rows, 8, (6, 10))
     assert batcher.buckets == (6, 10, 17)  # a last bucket for the longest rows (15 words + 2)
     stream = batcher.epochs()
     first_two_epochs = [next(stream) for _ in range(2 * batcher.steps_per_epoch)]
@@ -113,8 +116,8 @@ def test_bucket_padding_changes_no_metric_or_gradient():
     """Bucketed batches give the sums and gradients of exact-length batches, dropout included."""
     # Few distinct lengths (each exact shape compiles): rows of 3-6 tokens, buckets 4 and 8.
     rows = random_rows(40, seed=1, max_words=4)
-    exact = input_pipeline.LengthBatcher(rows, 8, range(2, 7))  # a bucket per length
-    bucketed = input_pipeline.LengthBatcher(rows, 8, (4, 8))
+    exact = batching.LengthBatcher(rows, 8, range(2, 7))  # a bucket per length
+    bucketed = batching.LengthBatcher(rows, 8, (4, 8))
     model = models.VAE(
         vocab_size=24, enc_emb_dim=8, enc_hidden_dim=16, dec_emb_dim=8, dec_hidden_dim=16,
         latent_dim=4, dec_dropout_in=0.5, dec_dropout_out=0.5,
@@ -151,7 +154,7 @@ def test_missing_directory_names_path_and_expected_files(tmp_path):
     config = tiny_ptb_config(tmp_path)
     config.data.data_dir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere") as err:
-        input_pipeline.get_data(config)
+        build.get_data(config)
     assert "ptb.train.txt" in str(err.value)
 
 
@@ -159,7 +162,7 @@ def test_missing_file_is_named(tmp_path):
     config = tiny_ptb_config(tmp_path)
     os.remove(os.path.join(config.data.data_dir, "ptb.valid.txt"))
     with pytest.raises(FileNotFoundError, match="ptb.valid.txt"):
-        input_pipeline.get_data(config)
+        build.get_data(config)
 
 
 def test_no_data_dir_and_no_environment_variable(tmp_path, monkeypatch):
@@ -167,17 +170,17 @@ def test_no_data_dir_and_no_environment_variable(tmp_path, monkeypatch):
     config.data.data_dir = ""
     monkeypatch.delenv("VAE_JAX_DATA_DIR", raising=False)
     with pytest.raises(ValueError, match="config.data.data_dir.*VAE_JAX_DATA_DIR"):
-        input_pipeline.get_data(config)
+        build.get_data(config)
 
 
 def test_empty_split_and_bad_utf8_are_errors(tmp_path):
     config = tiny_ptb_config(tmp_path)
     (tmp_path / "ptb" / "ptb.test.txt").write_text("", encoding="utf-8")
     with pytest.raises(ValueError, match="ptb.test.txt"):
-        input_pipeline.get_data(config)
+        build.get_data(config)
     (tmp_path / "ptb" / "ptb.test.txt").write_bytes(b"w1 w2\nw3 \xff\xfe\n")
     with pytest.raises(ValueError, match=r"ptb.test.txt.*line 2"):
-        input_pipeline.get_data(config)
+        build.get_data(config)
 
 
 def test_overlong_sentences_are_dropped_and_counted(tmp_path, caplog):
@@ -185,7 +188,7 @@ def test_overlong_sentences_are_dropped_and_counted(tmp_path, caplog):
     write_corpus(tmp_path / "ptb", long_line=True)
     config.data.max_length = 20
     with caplog.at_level("INFO"):
-        data = input_pipeline.get_data(config)
+        data = build.get_data(config)
     assert data.info["stats"]["train"].dropped_too_long == 1
     assert "1 longer than max_length=20 dropped" in caplog.text
     assert max(len(r) for r in data.info["batcher"].rows) <= 22
@@ -194,7 +197,7 @@ def test_overlong_sentences_are_dropped_and_counted(tmp_path, caplog):
 @pytest.mark.parametrize("buckets", [(12, 8), (1, 8), (8, 8)])
 def test_bad_bucket_lengths_name_the_field(buckets):
     with pytest.raises(ValueError, match="config.data.bucket_lengths"):
-        input_pipeline.LengthBatcher(random_rows(10), 4, buckets)
+        batching.LengthBatcher(random_rows(10), 4, buckets)
 
 
 # ----------------------------------------------------------------------------- training
@@ -203,7 +206,7 @@ def test_bad_bucket_lengths_name_the_field(buckets):
 def test_ptb_config_trains_on_a_tiny_corpus(tmp_path):
     config = tiny_ptb_config(tmp_path)
     workdir = str(tmp_path / "run")
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train_and_evaluate(config, workdir)
     steps_per_epoch = 150 // 8 + 10  # at most: one partial batch per length
     records = writers.read_metrics(workdir)
     evals = [r for r in records if "valid_ppl_bound" in r]
@@ -220,7 +223,7 @@ def test_ptb_config_trains_on_a_tiny_corpus(tmp_path):
         assert json.load(f)["data"]["name"] == "ptb"
 
     # One compilation per batch shape (length bucket) over the whole run, not per length.
-    data = input_pipeline.get_data(config)
+    data = build.get_data(config)
     train_shapes = {
         b["tokens"].shape for b in itertools.islice(data.train(0), data.steps_per_epoch)
     }
@@ -234,14 +237,14 @@ def test_ptb_config_trains_on_a_tiny_corpus(tmp_path):
     assert counts["eval_step_compilations"] == len(eval_shapes)
 
     # The Table 1 report reads the workdir back: the best epoch by valid PPL, its test figures.
-    table_row = ptb_table.row(workdir, "test", "best")
+    table_row = table1_ptb.row(workdir, "test", "best")
     best_test = next(r for r in records if r["step"] == best["step"] and "test_rec" in r)
     assert table_row["epoch"] == best["epoch"] and table_row["epochs_run"] == 2.0
     assert table_row["neg_elbo"] == pytest.approx(-best_test["test_elbo"])
     assert (table_row["model"], table_row["schedule"]) == ("VAE", "Cyclical")
-    assert "| VAE | Cyclical | 1 |" in ptb_table.markdown(ptb_table.grouped([table_row]), "test")
+    assert "| VAE | Cyclical | 1 |" in table1_ptb.markdown(table1_ptb.grouped([table_row]), "test")
     assert "iw_nll" not in table_row  # not scored by vae_jax.evaluate yet
-    note = ptb_table.caption(ptb_table.grouped([table_row]), "test", "best", None)
+    note = table1_ptb.caption(table1_ptb.grouped([table_row]), "test", "best", None)
     assert note.startswith(f"test split; epochs run: 2 of {config.num_epochs};")
     assert "lowest valid PPL bound" in note
     assert f"seeds [{config.seed}]" in note
@@ -250,21 +253,21 @@ def test_ptb_config_trains_on_a_tiny_corpus(tmp_path):
     # a score of another step is not taken for it.
     argv = [f"--workdir={workdir}", "--split=test", "--checkpoint=best"]
     scored = evaluate.main([*argv, "--num_importance_samples=5", "--num_prior_samples=100"])
-    table_row = ptb_table.row(workdir, "test", "best")
+    table_row = table1_ptb.row(workdir, "test", "best")
     assert [table_row[k] for k in ("iw_nll", "mi", "au")] == [
         pytest.approx(scored[k]) for k in ("iw_nll", "mi", "au")
     ]
-    assert "IW-NLL (K = 5)" in ptb_table.markdown(ptb_table.grouped([table_row]), "test")
+    assert "IW-NLL (K = 5)" in table1_ptb.markdown(table1_ptb.grouped([table_row]), "test")
     scored["checkpoint_info"]["step"] += 1
     with open(os.path.join(workdir, "eval_test.json"), "w", encoding="utf-8") as f:
         json.dump(scored, f)
-    assert "iw_nll" not in ptb_table.row(workdir, "test", "best")
+    assert "iw_nll" not in table1_ptb.row(workdir, "test", "best")
 
 
 @pytest.mark.parametrize("variant", ptb.VARIANTS)
 def test_ptb_variants_build_their_schedules(variant):
     config = ptb.get_config(variant)
-    beta_fn, lr_fn = train.make_schedules(config, steps_per_epoch=100)
+    beta_fn, lr_fn = steps.make_schedules(config, steps_per_epoch=100)
     epochs = np.array([0, 100, 450, 900, 1000, 1450, 3999])
     beta, lr = np.asarray(beta_fn(epochs)), np.asarray(lr_fn(epochs))
     _, variant = objectives.split_variant(variant)  # a remedy's variant: its schedule's

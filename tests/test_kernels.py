@@ -1,4 +1,4 @@
-"""The layer implementations (`vae_jax.kernels`): CPU-tuned and plain give the same model."""
+"""The layer implementations (`vae_jax.core.kernels`): CPU-tuned and plain give the same model."""
 
 import json
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import run_python
 
-from vae_jax import forward, kernels, models, objectives
+from vae_jax.core import forward, kernels, models, objectives
 
 
 def _loss_and_grads(kernel_name: str, dropout: float, dtype: str = "float32"):
@@ -64,10 +64,10 @@ import json, sys
 sys.path.insert(0, "tests")
 import jax
 from conftest import tiny_synthetic_config
-from vae_jax import train
+from vae_jax.run import loop
 config = tiny_synthetic_config("cyclical", steps=6, log_every=3)
 config.model.update(dec_dropout_in=0.5, dec_dropout_out=0.5)
-state = train.train_and_evaluate(config, sys.argv[1])
+state = loop.train_and_evaluate(config, sys.argv[1])
 print(json.dumps({"impl": str(jax.random.key_impl(jax.random.key(0))),
                   "step": int(state.step)}))
 """

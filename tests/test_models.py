@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import kernels, models, objectives
-from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID
+from vae_jax.core import kernels, models, objectives
+from vae_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID
 
 V, E, H, Z = 13, 6, 8, 3
 

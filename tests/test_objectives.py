@@ -1,4 +1,4 @@
-"""Remedies against KL vanishing (vae_jax.objectives): known answers and an independent check
+"""Remedies against KL vanishing (vae_jax.core.objectives): known answers and an independent check
 of the density gap, every remedy with every schedule and with SA-VAE, encoder pre-training."""
 
 import math
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import tiny_synthetic_config
 
-from vae_jax import objectives, runs, train, writers
-from vae_jax.tokens import BOS_ID, EOS_ID
+from vae_jax.core import objectives
+from vae_jax.core.tokens import BOS_ID, EOS_ID
+from vae_jax.run import build, loop, steps, writers
 
 
 def outputs_of(rng, batch=5, length=6, vocab=9, latent=3):
@@ -125,7 +126,7 @@ def test_every_remedy_trains_with_every_schedule_and_with_sa_vae(tmp_path, varia
         config.objective = "dg_vae"  # SA-VAE refines the β-ELBO, then trains on the remedy
         config.model.svi_steps = 2
     config.dg_vae.num_samples = 4
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     records = [r for r in writers.read_metrics(str(tmp_path)) if "loss" in r]
     assert [r["step"] for r in records] == [5, 10]
     assert all(math.isfinite(r["loss"]) and r["nonfinite_steps"] == 0 for r in records)
@@ -136,32 +137,32 @@ def test_every_remedy_trains_with_every_schedule_and_with_sa_vae(tmp_path, varia
 def test_encoder_pretraining_keeps_the_encoder_and_resets_the_decoder(tmp_path):
     pretrained = tiny_synthetic_config("constant", steps=20)
     pretrained.beta_schedule.value = 0.0
-    ae = train.train_and_evaluate(pretrained, str(tmp_path / "ae"))  # β = 0: an autoencoder
+    ae = loop.train_and_evaluate(pretrained, str(tmp_path / "ae"))  # β = 0: an autoencoder
     config = tiny_synthetic_config("free_bits", steps=10, seed=7)
     config.init_from, config.init_reset = str(tmp_path / "ae"), ("dec",)
-    model = runs.make_model(config, config.data.vocab_size)
-    _, lr_fn = train.make_schedules(config, None)
-    fresh = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(7), 6).params
-    params = train.init_params_from(config, model, fresh)
+    model = build.make_model(config, config.data.vocab_size)
+    _, lr_fn = steps.make_schedules(config, None)
+    fresh = steps.create_train_state(config, model, lr_fn, jax.random.PRNGKey(7), 6).params
+    params = build.init_params_from(config, model, fresh)
     for name in params:
         want = fresh[name] if name.startswith("dec") else ae.params[name]
         for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(a, b)
     assert {n for n in params if n.startswith("enc")} and {n for n in params if n.startswith("dec")}
-    state = train.train_and_evaluate(config, str(tmp_path / "fb"))  # the third command
+    state = loop.train_and_evaluate(config, str(tmp_path / "fb"))  # the third command
     assert int(state.step) == 10
     config.init_reset = ("decoder",)
     with pytest.raises(ValueError, match=r"config.init_reset=\('decoder',\): \['decoder'\] match"):
-        train.init_params_from(config, model, fresh)
+        build.init_params_from(config, model, fresh)
 
 
 def test_bn_vae_bounds_the_kl_and_evaluates_with_running_statistics(tmp_path):
     config = tiny_synthetic_config("bn_vae", steps=12, log_every=4)
     assert config.model.bn_gamma == 0.5 and config.objective == "beta_elbo"
     config.model.init_scale = 1.0  # μ̂ that varies over the batch far beyond BN's ε
-    model = runs.make_model(config, config.data.vocab_size)
-    _, lr_fn = train.make_schedules(config, None)
-    params = train.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), 6).params
+    model = build.make_model(config, config.data.vocab_size)
+    _, lr_fn = steps.make_schedules(config, None)
+    params = steps.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), 6).params
     rng = np.random.default_rng(0)
     tokens = np.zeros((8, 6), np.int32)
     tokens[:6] = np.c_[np.full(6, BOS_ID), rng.integers(4, 12, (6, 4)), np.full(6, EOS_ID)]
@@ -174,7 +175,7 @@ def test_bn_vae_bounds_the_kl_and_evaluates_with_running_statistics(tmp_path):
     np.testing.assert_allclose(mu.var(0), 0.25 * stats["var"] / (stats["var"] + 1e-5), rtol=1e-4)
     kl = 0.5 * np.sum(mu**2 + np.exp(logvar) - 1 - logvar, -1)
     assert kl.mean() >= config.model.latent_dim * 0.25 / 2 - 1e-3  # E[KL] ≥ D·γ²/2
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = loop.train_and_evaluate(config, str(tmp_path))
     p = state.params
     assert float(jnp.abs(p["enc_mu_bn_mean"]).max()) > 0  # running statistics moved
     # Evaluation uses them: μ = γ (μ̂ − r_mean) / √(r_var + ε) + shift, whatever the batch.
@@ -189,7 +190,7 @@ def test_bn_vae_bounds_the_kl_and_evaluates_with_running_statistics(tmp_path):
 def test_bn_vae_with_sa_vae_trains(tmp_path):
     config = tiny_synthetic_config("savae_cyclical", steps=6, log_every=3)
     config.model.update(svi_steps=2, bn_gamma=0.5)
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = loop.train_and_evaluate(config, str(tmp_path))
     records = [r for r in writers.read_metrics(str(tmp_path)) if "loss" in r]
     assert all(math.isfinite(r["loss"]) for r in records)
     assert float(jnp.abs(state.params["enc_mu_bn_mean"]).max()) > 0
@@ -198,7 +199,7 @@ def test_bn_vae_with_sa_vae_trains(tmp_path):
 def test_remedies_script_plots_the_latent_spaces(tmp_path):
     from conftest import run_python
 
-    cmd = ["experiments/remedies_table.py", "--synthetic", f"--workdir={tmp_path / 'runs'}"]
+    cmd = ["experiments/remedies.py", "--synthetic", f"--workdir={tmp_path / 'runs'}"]
     out = run_python([*cmd, "--steps=40", "--rows=cyclical,dg_vae", f"--out={tmp_path}"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "latents.png").stat().st_size > 0

@@ -1,4 +1,5 @@
-"""Populations (`vae_jax.population`): K members as one vmapped program equal K single runs."""
+"""Populations (`vae_jax.run.population`): K members as one vmapped program equal K single
+workdirs."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_synthetic_config
 
-from vae_jax import config_checks, population, train, writers
+from vae_jax.run import config_checks, guards, loop, population, writers
 
 RATIOS = (0.25, 0.5, 0.75)
 
@@ -29,12 +30,12 @@ def _max_rel(a: dict, b: dict) -> float:
 def test_each_member_computes_its_single_run(tmp_path):
     fields = (("beta_schedule.ratio", RATIOS),)
     pop = _config(seed=3, population_size=3, population_fields=fields)
-    state = train.train_and_evaluate(pop, str(tmp_path / "pop"))
+    state = loop.train_and_evaluate(pop, str(tmp_path / "pop"))
     assert np.asarray(state.step).tolist() == [30, 30, 30]
     for k, ratio in enumerate(RATIOS):
         single = _config(seed=3 + k, data_seed=3)
         single.beta_schedule.ratio = ratio
-        alone = train.train_and_evaluate(single, str(tmp_path / f"single{k}"))
+        alone = loop.train_and_evaluate(single, str(tmp_path / f"single{k}"))
         member_dir = population.member_dir(str(tmp_path / "pop"), k)
         got, want = writers.read_metrics(member_dir), writers.read_metrics(tmp_path / f"single{k}")
         assert [r["step"] for r in got] == [r["step"] for r in want]
@@ -54,16 +55,16 @@ def test_each_member_computes_its_single_run(tmp_path):
 
 def test_population_resumes_exactly(tmp_path):
     config = _config(population_size=2)
-    straight = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    straight = loop.train_and_evaluate(config, str(tmp_path / "whole"))
 
     def interrupt(step, state):
         if step == 17:
             raise KeyboardInterrupt
 
     workdir = str(tmp_path / "split")
-    with pytest.raises(train.TrainingInterrupted, match="step 17"):
-        train.train_and_evaluate(config, workdir, callbacks=[interrupt])
-    resumed = train.train_and_evaluate(config, workdir)
+    with pytest.raises(guards.TrainingInterrupted, match="step 17"):
+        loop.train_and_evaluate(config, workdir, callbacks=[interrupt])
+    resumed = loop.train_and_evaluate(config, workdir)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for k in range(2):
@@ -98,7 +99,7 @@ def test_evaluate_and_generate_take_a_member(tmp_path):
     from vae_jax import evaluate, generate
 
     workdir = str(tmp_path / "pop")
-    train.train_and_evaluate(_config(population_size=2), workdir)
+    loop.train_and_evaluate(_config(population_size=2), workdir)
     with pytest.raises(ValueError, match="--member=<k>"):
         evaluate.main([f"--workdir={workdir}", "--num_importance_samples=2"])
     for k in range(2):
@@ -119,31 +120,31 @@ def test_evaluate_and_generate_take_a_member(tmp_path):
 def test_text_population_keeps_each_members_best(tmp_path):
     from test_input_pipeline import tiny_ptb_config
 
-    from vae_jax import runs
+    from vae_jax.run import workdirs
 
     config = tiny_ptb_config(tmp_path)
     config.update(population_size=2, population_fields=(("lr_schedule.init_value", (1e-3, 3e-3)),))
     workdir = str(tmp_path / "pop")
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     for k in range(2):
         member_dir = population.member_dir(workdir, k)
         records = writers.read_metrics(member_dir)
         valid = [r["valid_ppl_bound"] for r in records if "valid_ppl_bound" in r]
         assert len(valid) == config.num_epochs
-        assert runs.best_value(member_dir) == min(valid)
+        assert workdirs.best_value(member_dir) == min(valid)
         lrs = {r["lr"] for r in records if "lr" in r}
         assert max(lrs) == pytest.approx((1e-3, 3e-3)[k])
     # The Table 1 report reads a population as its members: one row, mean ± std over them.
-    import ptb_table  # experiments/ptb_table.py (on sys.path via conftest)
+    import table1_ptb  # experiments/table1_ptb.py (on sys.path via conftest)
 
-    dirs = ptb_table.run_dirs(workdir)
+    dirs = table1_ptb.run_dirs(workdir)
     assert dirs == [population.member_dir(workdir, k) for k in range(2)]
-    (group,) = ptb_table.grouped([ptb_table.row(d, "test", "best") for d in dirs])
+    (group,) = table1_ptb.grouped([table1_ptb.row(d, "test", "best") for d in dirs])
     assert group["n"] == 2 and group["kl_std"] is not None
-    tests = [ptb_table.row(d, "test", "best")["kl"] for d in dirs]
+    tests = [table1_ptb.row(d, "test", "best")["kl"] for d in dirs]
     assert group["kl"] == pytest.approx(np.mean(tests))
-    assert "± " in ptb_table.markdown([group], "test")
-    ptb_table.plot_curves([group], str(tmp_path / "curves.png"))
+    assert "± " in table1_ptb.markdown([group], "test")
+    table1_ptb.plot_curves([group], str(tmp_path / "curves.png"))
     assert os.path.getsize(tmp_path / "curves.png") > 0
     # The archive (no checkpoints) rebuilds the same rows once the workdir is gone.
     from vae_jax import evaluate
@@ -151,21 +152,21 @@ def test_text_population_keeps_each_members_best(tmp_path):
     evaluate.main([f"--workdir={workdir}", "--member=1", "--split=test", "--checkpoint=best",
                    "--num_importance_samples=2"])  # fmt: skip
     archived = str(tmp_path / "archive")
-    ptb_table.archive(dirs, archived)
+    table1_ptb.archive(dirs, archived)
     assert sorted(os.listdir(archived)) == ["pop.member-0", "pop.member-1"]
     assert not any(os.path.isdir(os.path.join(archived, "pop.member-1", f)) for f in
                    os.listdir(os.path.join(archived, "pop.member-1")))  # fmt: skip
     kept = sorted(os.listdir(os.path.join(archived, "pop.member-1")))
     assert kept == ["config.json", "eval_test.json", "evaluations.json"]  # no training rows
-    before = [ptb_table.row(d, "test", "best") for d in dirs]
+    before = [table1_ptb.row(d, "test", "best") for d in dirs]
     assert "iw_nll" in before[1]
     shutil.rmtree(workdir)
-    after = [ptb_table.row(d, "test", "best") for d in ptb_table.run_dirs(archived)]
+    after = [table1_ptb.row(d, "test", "best") for d in table1_ptb.run_dirs(archived)]
     for a, b in zip(after, before, strict=True):
         assert a["workdir"] != b["workdir"] and {**a, "workdir": 0} == {**b, "workdir": 0}
-    ptb_table.plot_curves(ptb_table.grouped(after), str(tmp_path / "again.png"))
+    table1_ptb.plot_curves(table1_ptb.grouped(after), str(tmp_path / "again.png"))
     with pytest.raises(ValueError, match="share the name"):
-        ptb_table.archive([dirs[0], dirs[0]], str(tmp_path / "clash"))
+        table1_ptb.archive([dirs[0], dirs[0]], str(tmp_path / "clash"))
 
 
 def test_an_autoencoder_keeps_its_best_by_rec(tmp_path):
@@ -173,18 +174,18 @@ def test_an_autoencoder_keeps_its_best_by_rec(tmp_path):
     the parameters of the lowest valid Rec (``config.best_metric="rec"``)."""
     from test_input_pipeline import tiny_ptb_config
 
-    from vae_jax import runs
+    from vae_jax.run import workdirs
 
     config = tiny_ptb_config(tmp_path)
     config.update(num_epochs=3, best_metric="rec")
     config.beta_schedule = ml_collections.ConfigDict({"name": "constant", "value": 0.0})
     workdir = str(tmp_path / "ae")
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     valid = {r["step"]: r for r in writers.read_metrics(workdir) if "valid_rec" in r}
     best_step = min(valid, key=lambda s: valid[s]["valid_rec"])
-    with open(os.path.join(workdir, runs.BEST, "info.json"), encoding="utf-8") as f:
+    with open(os.path.join(workdir, workdirs.BEST, "info.json"), encoding="utf-8") as f:
         assert json.load(f)["step"] == best_step
-    assert runs.best_value(workdir, "rec") == valid[best_step]["valid_rec"]
+    assert workdirs.best_value(workdir, "rec") == valid[best_step]["valid_rec"]
     config.best_metric = "kl"
     with pytest.raises(ValueError, match="config.best_metric='kl'"):
         config_checks.check_config(config, 1)

@@ -1,4 +1,4 @@
-"""experiments/ptb_table.py on hand-written run records (no training): the rows of an earlier
+"""experiments/table1_ptb.py on hand-written run records (no training): the rows of an earlier
 table join those of live runs in the mean ± std, stay out of the curves, and count once."""
 
 import json
@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-import ptb_table  # experiments/ptb_table.py
 import pytest
+import table1_ptb  # experiments/table1_ptb.py
 from conftest import REPO
 
 
@@ -31,7 +31,7 @@ def fake_run(path, seed: int, schedule: str, kls: list[float]) -> str:
 
 
 def table(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "experiments" / "ptb_table.py"), *args]
+    command = [sys.executable, str(REPO / "experiments" / "table1_ptb.py"), *args]
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
@@ -42,16 +42,18 @@ def test_recorded_rows_join_the_table_not_the_curves(tmp_path):
     os.rename(earlier, str(tmp_path / "gone"))  # its workdir is lost; the table JSON remains
 
     live = fake_run(tmp_path / "sweep1" / "ptb-cyclical.seed-1", 1, "cyclical", [1.5, 3.0])
-    recorded = ptb_table.recorded_rows(out0)
+    recorded = table1_ptb.recorded_rows(out0)
     assert [(r["seed"], r["recorded_in"]) for r in recorded] == [(0, out0)]
-    (group,) = ptb_table.grouped(ptb_table.merged([ptb_table.row(live, "test", "best")], recorded))
+    (group,) = table1_ptb.grouped(
+        table1_ptb.merged([table1_ptb.row(live, "test", "best")], recorded)
+    )
     assert group["n"] == 2
     assert group["kl"] == pytest.approx(2.5)
     assert group["kl_std"] == pytest.approx(np.std([2.0, 3.0], ddof=1))
-    assert "2.50 ± 0.71" in ptb_table.markdown([group], "test")
-    note = ptb_table.caption([group], "test", "best", None)
+    assert "2.50 ± 0.71" in table1_ptb.markdown([group], "test")
+    note = table1_ptb.caption([group], "test", "best", None)
     assert "seeds [0, 1]" in note and "seeds [0] as recorded in table0.json" in note
-    ptb_table.plot_curves([group], str(tmp_path / "curves.png"))  # draws seed 1's curve only
+    table1_ptb.plot_curves([group], str(tmp_path / "curves.png"))  # draws seed 1's curve only
     assert os.path.getsize(tmp_path / "curves.png") > 0
 
     out = str(tmp_path / "both.json")
@@ -62,18 +64,20 @@ def test_recorded_rows_join_the_table_not_the_curves(tmp_path):
     assert "| VAE | Cyclical | 2 |" in done.stdout
     # The merged table's JSON keeps each row's source, so it cannot bring seed 1 in twice.
     with pytest.raises(ValueError, match=r"\('VAE', 'Cyclical', 1\)"):
-        ptb_table.merged([ptb_table.row(live, "test", "best")], ptb_table.recorded_rows(out))
+        table1_ptb.merged([table1_ptb.row(live, "test", "best")], table1_ptb.recorded_rows(out))
     assert "--select=last" in table(live, "--rows_from", out0, "--select", "last").stderr
 
 
 def test_rows_from_refuses_a_file_that_is_not_a_table(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"rec": 1.0}))
-    with pytest.raises(ValueError, match="metrics.json: expected the JSON of `ptb_table.py --out`"):
-        ptb_table.recorded_rows(str(path))
+    with pytest.raises(
+        ValueError, match="metrics.json: expected the JSON of `table1_ptb.py --out`"
+    ):
+        table1_ptb.recorded_rows(str(path))
     path.write_text(json.dumps([{"model": "VAE", "schedule": "Cyclical", "runs": [{"rec": 1.0}]}]))
     with pytest.raises(ValueError, match="VAE Cyclical lacks"):
-        ptb_table.recorded_rows(str(path))
+        table1_ptb.recorded_rows(str(path))
 
 
 def test_ablation_cells_pair_beta_and_lr_apart_and_name_their_rows():
@@ -87,7 +91,7 @@ def test_ablation_cells_pair_beta_and_lr_apart_and_name_their_rows():
     assert cells["cyclical_lr_constant"].lr_schedule == cells["monotonic"].lr_schedule
     assert cells["monotonic_lr_restarts"].beta_schedule == cells["monotonic"].beta_schedule
     assert cells["monotonic_lr_restarts"].lr_schedule == cells["cyclical"].lr_schedule
-    names = {v: ptb_table.schedule_name(c.to_dict()) for v, c in cells.items()}
+    names = {v: table1_ptb.schedule_name(c.to_dict()) for v, c in cells.items()}
     assert names == {
         "cyclical": "Cyclical", "monotonic": "Monotonic",
         "cyclical_lr_constant": "Cyclical, lr constant",

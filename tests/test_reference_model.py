@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax import models, objectives
+from vae_jax.core import models, objectives
 
 
 def plain_lstm(xs, h, c, w_x, w_h, b):

@@ -18,7 +18,8 @@ from conftest import REPO, run_python
 from conftest import tiny_synthetic_config as shared_tiny_config
 from test_input_pipeline import tiny_ptb_config
 
-from vae_jax import checkpoints, config_checks, objectives, runs, train, writers
+from vae_jax.core import objectives
+from vae_jax.run import build, checkpoints, config_checks, guards, loop, workdirs, writers
 
 # A tiny synthetic run through the real command line: ~2 ms a step on CPU.
 TINY_FLAGS = [
@@ -123,7 +124,7 @@ def test_interrupted_ptb_run_resumes_the_same_epoch_order(tmp_path):
     """Ctrl-C mid-epoch on a tiny corpus, then resume: the same parameters as one whole run."""
     config = tiny_ptb_config(tmp_path)
     config.data.bucket_lengths = (17,)  # one shape: fewer compilations
-    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    whole = loop.train_and_evaluate(config, str(tmp_path / "whole"))
     steps_per_epoch = int(whole.step) // config.num_epochs
     stop_at = steps_per_epoch + 3  # inside the second epoch
 
@@ -132,11 +133,11 @@ def test_interrupted_ptb_run_resumes_the_same_epoch_order(tmp_path):
             raise KeyboardInterrupt
 
     workdir = str(tmp_path / "split")
-    with pytest.raises(train.TrainingInterrupted, match=f"step {stop_at}"):
-        train.train_and_evaluate(config, workdir, callbacks=[interrupt])
+    with pytest.raises(guards.TrainingInterrupted, match=f"step {stop_at}"):
+        loop.train_and_evaluate(config, workdir, callbacks=[interrupt])
     _, meta = checkpoints.restore_params(workdir, "last")
     assert (meta["epoch"], meta["position"]) == (1, 3)
-    resumed = train.train_and_evaluate(config, workdir)
+    resumed = loop.train_and_evaluate(config, workdir)
     assert_same_params(resumed.params, whole.params)
     assert_same_params(resumed.opt_state, whole.opt_state)
     evals = [r["step"] for r in writers.read_metrics(workdir) if "valid_rec" in r]
@@ -145,11 +146,11 @@ def test_interrupted_ptb_run_resumes_the_same_epoch_order(tmp_path):
 
 def test_a_different_config_is_refused_unless_allowed(tmp_path):
     config = tiny_synthetic_config()
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
     config.model.latent_dim = 8
     config.batch_size = 4
     with pytest.raises(ValueError, match=r"model.latent_dim: 2 -> 8") as err:
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert "batch_size: 8 -> 4" in str(err.value) and "--allow_config_change" in str(err.value)
 
 
@@ -157,17 +158,17 @@ def test_a_field_added_since_the_run_started_is_no_change(tmp_path):
     """New code resumes an old run: a key its config.json lacks takes the current value,
     but a key the current config lacks (a renamed or dropped field) is still refused."""
     config = tiny_synthetic_config()
-    runs.save_config(config, str(tmp_path))
-    path = tmp_path / runs.CONFIG
+    workdirs.save_config(config, str(tmp_path))
+    path = tmp_path / workdirs.CONFIG
     saved = json.loads(path.read_text())
     del saved["data_seed"], saved["model"]["latent_dim"]
     path.write_text(json.dumps(saved))
-    runs.check_workdir_config(config, str(tmp_path), allow_config_change=False)
+    workdirs.check_workdir_config(config, str(tmp_path), allow_config_change=False)
 
     saved["retired_field"] = 3
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"retired_field: 3 -> '<absent>'") as err:
-        runs.check_workdir_config(config, str(tmp_path), allow_config_change=False)
+        workdirs.check_workdir_config(config, str(tmp_path), allow_config_change=False)
     assert "latent_dim" not in str(err.value)
 
 
@@ -197,8 +198,8 @@ def guard_config(steps=40):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
     monkeypatch.setitem(objectives.OBJECTIVES, "poisoned", poisoned(0.45))
     config = guard_config()
-    with pytest.raises(train.NonFiniteError) as err:
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(guards.NonFiniteError) as err:
+        loop.train_and_evaluate(config, str(tmp_path))
     # β(t) = t/10 > 0.45 from step index 5 (the 6th step); 10 skipped steps end the run.
     message = str(err.value)
     assert "10 consecutive steps" in message and "at step 15" in message
@@ -220,7 +221,7 @@ def test_isolated_nonfinite_steps_are_skipped_and_training_goes_on(tmp_path, mon
         return jnp.where((beta > 0.15) & (beta < 0.45), jnp.nan, total), sums
 
     monkeypatch.setitem(objectives.OBJECTIVES, "poisoned", objective)
-    state = train.train_and_evaluate(guard_config(steps=20), str(tmp_path))
+    state = loop.train_and_evaluate(guard_config(steps=20), str(tmp_path))
     assert int(state.step) == 20
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
     records = [r for r in writers.read_metrics(str(tmp_path)) if "nonfinite_steps" in r]
@@ -296,27 +297,30 @@ def test_unknown_keys_fail_on_the_command_line(tmp_path):
 # ----------------------------------------------------------------------------- divergence
 
 
-def healthy_then(tmp_path, lr, **loss_spike):
+def healthy_then(tmp_path, lr, callbacks=(), **loss_spike):
     """20 healthy steps (checkpoints every 2, the last 3 kept plus every 10th), then the same
-    run continued to step 40 at learning rate ``lr``; returns (config, error or None)."""
+    run continued to step 40 at learning rate ``lr`` (``callbacks`` called after each of its
+    steps); returns (config, error or None)."""
     config = tiny_synthetic_config("cyclical", steps=20)
     config.update(checkpoint_every_steps=2, checkpoints_to_keep=3, checkpoint_keep_period=10)
     config.loss_spike.window = 10
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     config.num_train_steps = 40
     config.lr_schedule.value = lr
     config.loss_spike.update(loss_spike)
     try:
-        train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
-    except (train.NonFiniteError, train.LossSpikeError) as e:
+        loop.train_and_evaluate(
+            config, str(tmp_path), callbacks=callbacks, allow_config_change=True
+        )
+    except (guards.NonFiniteError, guards.LossSpikeError) as e:
         return config, e
     return config, None
 
 
 def test_divergence_keeps_the_checkpoint_before_it_and_ends_with_an_inf_bound(tmp_path):
     # lr = 10: step 21 blows the parameters up; later steps are NaN (skipped) or finite with a
-    # diverged model. Before: the healthy checkpoints were rotated out, and the final
-    # evaluation died of an OverflowError in math.exp.
+    # diverged model. The healthy checkpoints survive the rotation, and the final evaluation
+    # reports an infinite perplexity bound.
     _, error = healthy_then(tmp_path, lr=10.0)
     assert error is None
     checkpointer = checkpoints.Checkpointer(str(tmp_path), read_only=True)
@@ -333,14 +337,14 @@ def test_divergence_keeps_the_checkpoint_before_it_and_ends_with_an_inf_bound(tm
 
 def test_a_nan_streak_names_the_last_good_checkpoint(tmp_path):
     _, error = healthy_then(tmp_path, lr=1e6)  # NaN from step 22 on
-    assert isinstance(error, train.NonFiniteError)
+    assert isinstance(error, guards.NonFiniteError)
     assert "saved while no step was being skipped, is step 20 in" in str(error)
 
 
 def test_loss_spike_guard_stop(tmp_path):
     # lr = 1: the loss of step 22 is 2.5 times the median of the healthy steps before it.
     _, error = healthy_then(tmp_path, lr=1.0, factor=1.5, action="stop")
-    assert isinstance(error, train.LossSpikeError), error
+    assert isinstance(error, guards.LossSpikeError), error
     message = str(error)
     assert "Loss spike at step 22" in message and "(1 such steps in a row" in message
     assert "config.loss_spike.factor=1.5" in message and "is step 20 in" in message
@@ -354,11 +358,45 @@ def test_loss_spike_guard_skip(tmp_path):
     assert sum(r["spike_steps"] for r in records) >= 1 and records[-1]["step"] == 40
 
 
+def kept_steps(kept):
+    """A callback keeping each step's parameters and loss history in ``kept[step]``."""
+
+    def keep(step, state):
+        kept[step] = jax.device_get(
+            jax.tree.map(lambda x: x[0], (state.params, state.loss_history))
+        )
+
+    return keep
+
+
 def test_spike_guard_off_is_the_plain_step(tmp_path):
-    # With factor 0 a spike never skips a step: the same run as without the guard's fields.
-    _, error = healthy_then(tmp_path, lr=1.0)
-    assert error is None
-    records = [r for r in writers.read_metrics(str(tmp_path)) if "spike_steps" in r]
+    """With loss_spike.factor = 0 every finite step is applied as computed: steps 21-40 at
+    lr = 1 give, bit for bit, the parameters of a guard that is on but never fires (factor
+    1e30), and the spike of step 22, which the guard at factor 1.5 skips, is applied."""
+    off, never, guarded = {}, {}, {}
+    for name, kept, loss_spike in [
+        ("off", off, {}),
+        ("never", never, {"factor": 1e30}),
+        ("guarded", guarded, {"factor": 1.5, "action": "skip"}),
+    ]:
+        _, error = healthy_then(tmp_path / name, lr=1.0, callbacks=[kept_steps(kept)], **loss_spike)
+        assert error is None
+    assert sorted(off) == sorted(never) == sorted(guarded) == list(range(21, 41))
+    for step in range(21, 41):
+        assert_same_params(off[step], never[step])
+    # Step 22 is the spike: the guarded run skips it, its parameters stay step 21's ...
+    assert_same_params(off[21], guarded[21])
+    assert_same_params(guarded[22][0], guarded[21][0])
+    # ... and the run without the guard applies it: the step's loss, over 1.5 x the median of
+    # the losses before it, enters the history (slot 21 % 10), and the parameters move.
+    (params21, history21), (params22, history22) = off[21], off[22]
+    slot = 21 % len(history21)
+    assert history22[slot] > 1.5 * np.median(history21)
+    np.testing.assert_array_equal(np.delete(history22, slot), np.delete(history21, slot))
+    for other in (params21, guarded[22][0]):
+        leaves = zip(jax.tree.leaves(params22), jax.tree.leaves(other), strict=True)
+        assert any(not np.array_equal(a, b) for a, b in leaves)
+    records = [r for r in writers.read_metrics(str(tmp_path / "off")) if "spike_steps" in r]
     assert sum(r["spike_steps"] for r in records) == 0 and records[-1]["step"] == 40
 
 
@@ -378,7 +416,7 @@ def test_constant_schedules_refuse_values_that_turn_training_around(field, value
 
 
 def test_overflowing_bound_is_inf():
-    from vae_jax import metrics
+    from vae_jax.core import metrics
 
     figures = metrics.summarize({"rec": 1e6, "kl": 1.0, "tokens": 10.0, "sequences": 1.0})
     assert figures["ppl_bound"] == float("inf") and figures["rec"] == 1e6
@@ -388,7 +426,7 @@ def test_warmup_longer_than_the_run_warns(tmp_path, caplog):
     config = tiny_synthetic_config("monotonic", steps=20)
     config.beta_schedule.warmup_steps = 50
     with caplog.at_level("WARNING"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     assert "warmup_steps (50 steps) is longer than the run (20 steps)" in caplog.text
 
 
@@ -400,8 +438,8 @@ def interrupted_at(workdir, config, stop_at):
         if step == stop_at:
             raise KeyboardInterrupt
 
-    with pytest.raises(train.TrainingInterrupted, match=f"step {stop_at}"):
-        train.train_and_evaluate(config, str(workdir), callbacks=[interrupt])
+    with pytest.raises(guards.TrainingInterrupted, match=f"step {stop_at}"):
+        loop.train_and_evaluate(config, str(workdir), callbacks=[interrupt])
 
 
 def largest_file(directory):
@@ -411,11 +449,10 @@ def largest_file(directory):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no_metadata"])
 def test_a_corrupt_checkpoint_is_never_trusted(tmp_path, damage, caplog):
-    """Before: 64 flipped bytes restored silently (then NaN); a truncated file or a missing
-    _METADATA gave raw TensorStore errors. Now the damaged checkpoint is moved aside with a
-    warning, the one before it is used, and the run still ends bit-identical."""
+    """A checkpoint with 64 flipped bytes, a truncated file or no _METADATA is moved aside with
+    a warning, the one before it is used, and the run still ends bit-identical."""
     config = shared_tiny_config("constant", steps=30, checkpoint_every_steps=5)
-    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    whole = loop.train_and_evaluate(config, str(tmp_path / "whole"))
     workdir = tmp_path / "damaged"
     interrupted_at(workdir, config, stop_at=20)
     state_dir = workdir / "checkpoints" / "20" / "state"
@@ -431,7 +468,7 @@ def test_a_corrupt_checkpoint_is_never_trusted(tmp_path, damage, caplog):
     else:
         os.remove(state_dir / "_METADATA")
     with caplog.at_level("WARNING"):
-        resumed = train.train_and_evaluate(config, str(workdir))
+        resumed = loop.train_and_evaluate(config, str(workdir))
     assert "checkpoint 20 in" in caplog.text and "trying the one before" in caplog.text
     assert any(name.startswith("20-") for name in os.listdir(workdir / "checkpoints_corrupt"))
     assert_same_params(resumed.params, whole.params)
@@ -441,7 +478,7 @@ def test_a_corrupt_checkpoint_is_never_trusted(tmp_path, damage, caplog):
 
 def test_evaluation_never_reads_a_corrupt_checkpoint(tmp_path):
     config = shared_tiny_config("constant", steps=20, checkpoint_every_steps=5)
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     os.remove(tmp_path / "checkpoints" / "20" / "state" / "_METADATA")
     with pytest.raises(checkpoints.CorruptCheckpointError, match="checkpoint 20 in .* cannot be"):
         checkpoints.restore_params(str(tmp_path), "20")
@@ -451,13 +488,13 @@ def test_evaluation_never_reads_a_corrupt_checkpoint(tmp_path):
 
 def test_a_second_process_on_a_workdir_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
     config = shared_tiny_config("constant", steps=10)
-    with runs.WorkdirLock(str(tmp_path)):  # another training process holds the workdir
-        with pytest.raises(runs.WorkdirLockedError, match=rf"in use by .*pid {os.getpid()} on"):
-            train.train_and_evaluate(config, str(tmp_path))
+    with workdirs.WorkdirLock(str(tmp_path)):  # another training process holds the workdir
+        with pytest.raises(workdirs.WorkdirLockedError, match=rf"in use by .*pid {os.getpid()} on"):
+            loop.train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "metrics.jsonl").exists()
     # A lock file left by a process that died (kill -9 leaves its content, not its flock).
     (tmp_path / "lock").write_text("pid 999999 on host elsewhere\n")
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = loop.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 10
 
 
@@ -480,7 +517,7 @@ def test_a_torn_last_metrics_record_is_dropped_on_resume(tmp_path, caplog):
     with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 23, "rec": 3.1')  # the disk filled up mid-record
     with caplog.at_level("WARNING"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     assert "metrics.jsonl:" in caplog.text and "dropping an incomplete last record" in caplog.text
     assert logged_steps(str(tmp_path)) == [5, 10, 15, 20, 25, 30]
 
@@ -488,17 +525,18 @@ def test_a_torn_last_metrics_record_is_dropped_on_resume(tmp_path, caplog):
 def test_a_damaged_metrics_record_before_others_is_named(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 5}\n{"step": 1\n{"step": 10}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
-        runs.truncate_metrics(str(tmp_path), 10)
+        workdirs.truncate_metrics(str(tmp_path), 10)
 
 
 def test_a_workdir_is_bound_to_its_data(tmp_path):
-    """Before: a changed corpus was rebuilt in the shared cache and resume / evaluate /
-    generate silently used the new vocabulary (same size: other words behind the same ids)."""
+    """A run is bound to its data: once the corpus changes (the same vocabulary size, other
+    words behind the ids), resuming and `build.load_run` (what evaluate and generate read)
+    raise DataMismatchError naming the fingerprints; the corpus restored, the run is read."""
     config = tiny_ptb_config(tmp_path)
     config.num_epochs = 1
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    bound = runs.load_config(workdir)
+    loop.train_and_evaluate(config, workdir)
+    bound = workdirs.load_config(workdir)
     record = json.loads((tmp_path / "run" / "data.json").read_text())
     assert record["vocab_size"] == 24 and len(record["fingerprint"]) == 64
     # The same corpus again, its words reordered: the same vocabulary size, other ids.
@@ -506,14 +544,14 @@ def test_a_workdir_is_bound_to_its_data(tmp_path):
     lines = source.read_text().splitlines()
     source.write_text("\n".join(reversed(lines)) + "\n")
     message = r"trained on other data than config.data gives now .*run fingerprint [0-9a-f]{64}"
-    with pytest.raises(runs.DataMismatchError, match=message):
-        train.train_and_evaluate(config, workdir)  # resume
-    with pytest.raises(runs.DataMismatchError, match="fingerprint"):
-        runs.load_run(workdir, "last")  # what evaluate and generate read
+    with pytest.raises(workdirs.DataMismatchError, match=message):
+        loop.train_and_evaluate(config, workdir)  # resume
+    with pytest.raises(workdirs.DataMismatchError, match="fingerprint"):
+        build.load_run(workdir, "last")  # what evaluate and generate read
     # The old build is still in the cache (another fingerprint, another directory).
     assert len([d for d in os.listdir(tmp_path / "tfds" / "vae_text") if d.startswith("ptb")]) == 2
     source.write_text("\n".join(lines) + "\n")  # the run's own data back: accepted again
-    config_back, *_ = runs.load_run(workdir, "last")
+    config_back, *_ = build.load_run(workdir, "last")
     assert config_back.to_dict() == bound.to_dict()
 
 
@@ -521,7 +559,7 @@ def test_a_checkpoint_without_a_digest_is_refused_not_moved(tmp_path):
     """A checkpoint from before digests is not damaged: resuming refuses it (naming it)
     instead of moving it aside and silently starting again from step 0."""
     config = shared_tiny_config("constant", steps=5, checkpoint_every_steps=5)
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     checkpointer = checkpoints.Checkpointer(str(tmp_path))
     state, meta = checkpointer.restore(5)
     meta = {k: v for k, v in meta.items() if k != checkpoints.STATE_DIGEST}
@@ -536,14 +574,14 @@ def test_a_checkpoint_without_a_digest_is_refused_not_moved(tmp_path):
     checkpointer.wait()
     checkpointer.close()
     with pytest.raises(checkpoints.UnverifiedCheckpointError, match="checkpoint 5 in .* older"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     assert not (tmp_path / "checkpoints_corrupt").exists()
 
 
 def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     """`files.write_atomic` (config.json, data.json, metrics truncation, checkpoint info, the
     sweep's markers): a write that fails before its rename keeps the old contents, no temporary."""
-    from vae_jax import files
+    from vae_jax.run import files
 
     path = str(tmp_path / "config.json")
     files.write_atomic(path, '{"seed": 0}')
@@ -569,19 +607,20 @@ def damage_every_checkpoint(workdir):
 
 
 def test_a_rerun_over_damaged_checkpoints_refuses_to_overwrite_the_history(tmp_path):
-    """Before: every checkpoint damaged, the rerun moved them aside and silently started again
-    from step 0, truncating metrics.jsonl (and overwriting best/)."""
+    """Every checkpoint damaged: a rerun moves them aside and refuses with HistoryAtRiskError
+    (naming the damaged and the intact files) rather than start again over metrics.jsonl;
+    --start_over moves the history into superseded-*/ and trains from step 0."""
     config = shared_tiny_config("constant", steps=20, log_every=5, checkpoint_every_steps=5)
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     damage_every_checkpoint(tmp_path)
     message = r"no usable checkpoint .*damaged: .*checkpoints_corrupt/20-.*intact: .*metrics.jsonl"
-    with pytest.raises(runs.HistoryAtRiskError, match=message) as err:
-        train.train_and_evaluate(config, str(tmp_path))
+    with pytest.raises(workdirs.HistoryAtRiskError, match=message) as err:
+        loop.train_and_evaluate(config, str(tmp_path))
     assert "--start_over" in str(err.value)
     assert logged_steps(str(tmp_path)) == [5, 10, 15, 20]  # the history is untouched
-    with pytest.raises(runs.HistoryAtRiskError, match=r"intact: .*metrics.jsonl"):
-        train.train_and_evaluate(config, str(tmp_path))  # and again, the damaged moved aside
-    state = train.train_and_evaluate(config, str(tmp_path), start_over=True)
+    with pytest.raises(workdirs.HistoryAtRiskError, match=r"intact: .*metrics.jsonl"):
+        loop.train_and_evaluate(config, str(tmp_path))  # and again, the damaged moved aside
+    state = loop.train_and_evaluate(config, str(tmp_path), start_over=True)
     assert int(state.step) == 20 and logged_steps(str(tmp_path)) == [5, 10, 15, 20]
     (superseded,) = [n for n in os.listdir(tmp_path) if n.startswith("superseded-")]
     assert (tmp_path / superseded / "metrics.jsonl").exists()
@@ -590,7 +629,7 @@ def test_a_rerun_over_damaged_checkpoints_refuses_to_overwrite_the_history(tmp_p
 def test_a_run_killed_before_its_first_checkpoint_starts_again_unasked(tmp_path):
     config = shared_tiny_config("constant", steps=20, log_every=5, checkpoint_every_steps=10)
     (tmp_path / "metrics.jsonl").write_text('{"step": 5, "rec": 1.0}\n')
-    state = train.train_and_evaluate(config, str(tmp_path))
+    state = loop.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 20
 
 
@@ -602,13 +641,15 @@ def flip_bytes(path, count=8):
 
 
 def test_best_carries_a_digest_checked_on_read(tmp_path, caplog):
-    """Before: flipped bytes in best/params.msgpack were read silently by evaluate, generate
-    and init_from."""
+    """best/ carries a digest: flipped bytes in best/params.msgpack, or a damaged
+    best/info.json, are a CorruptCheckpointError from `restore_params` (what evaluate,
+    generate and init_from read), `load` and `best_value`; a best/ without a digest is read
+    with a warning."""
     params = {"dec": {"w": np.arange(64, dtype=np.float32)}, "enc": {"b": np.ones(3, np.float32)}}
     checkpoints.save(str(tmp_path / "best"), params, {"step": 3, "valid": {"ppl_bound": 9.0}})
     read, info = checkpoints.restore_params(str(tmp_path), "best")
     assert_same_params(read, params) and info["step"] == 3
-    assert runs.best_value(str(tmp_path)) == 9.0
+    assert workdirs.best_value(str(tmp_path)) == 9.0
     flip_bytes(tmp_path / "best" / "params.msgpack")
     with pytest.raises(checkpoints.CorruptCheckpointError, match=r"best/params.msgpack does not"):
         checkpoints.restore_params(str(tmp_path), "best")
@@ -616,7 +657,7 @@ def test_best_carries_a_digest_checked_on_read(tmp_path, caplog):
         checkpoints.load(str(tmp_path / "best"), params)
     (tmp_path / "best" / "info.json").write_text('{"step": 3, "valid": {"ppl_bo')
     with pytest.raises(checkpoints.CorruptCheckpointError, match=r"best/info.json cannot be read"):
-        runs.best_value(str(tmp_path))
+        workdirs.best_value(str(tmp_path))
     # A best/ from before digests is still read, with a warning.
     (tmp_path / "best" / "params.msgpack").write_bytes(checkpoints.serialization.to_bytes(params))
     (tmp_path / "best" / "info.json").write_text('{"step": 3}')
@@ -626,13 +667,13 @@ def test_best_carries_a_digest_checked_on_read(tmp_path, caplog):
 
 
 def test_a_diverging_population_member_is_frozen_and_the_others_go_on(tmp_path):
-    """Before: member 1 at lr=1e30 stopped the whole population (NonFiniteError at step 12),
-    the healthy member with it, and a rerun did the same."""
-    from vae_jax import population
+    """Member 1 at lr=1e30 diverges and is frozen (recorded, its parameters finite, frozen
+    still after a resume) while member 0 trains to the end as its single run does."""
+    from vae_jax.run import population
 
     config = shared_tiny_config("constant", steps=30, log_every=5, checkpoint_every_steps=10)
     config.update(population_size=2, population_fields=(("lr_schedule.value", (1e-3, 1e30)),))
-    state = train.train_and_evaluate(config, str(tmp_path / "pop"))  # ends normally
+    state = loop.train_and_evaluate(config, str(tmp_path / "pop"))  # ends normally
     marker = json.loads((tmp_path / "pop" / "members" / "1" / "diverged.json").read_text())
     assert marker["diverged_at_step"] < marker["frozen_at_step"] <= 30
     assert "Population member 1:" in marker["reason"]
@@ -646,7 +687,7 @@ def test_a_diverging_population_member_is_frozen_and_the_others_go_on(tmp_path):
     assert meta["good"]  # the frozen member does not taint the others' checkpoints
     # Member 0 trained on as its single run does.
     single = shared_tiny_config("constant", steps=30, log_every=5, seed=0, data_seed=0)
-    alone = train.train_and_evaluate(single, str(tmp_path / "single"))
+    alone = loop.train_and_evaluate(single, str(tmp_path / "single"))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(alone.params), strict=True):
         np.testing.assert_allclose(np.asarray(a)[0], b, rtol=1e-5, atol=1e-6)
     got = [r for r in writers.read_metrics(population.member_dir(str(tmp_path / "pop"), 0))]
@@ -654,7 +695,7 @@ def test_a_diverging_population_member_is_frozen_and_the_others_go_on(tmp_path):
     assert "diverged" not in last and np.isfinite(last["rec"]) and last["step"] == 30
     # A resume keeps the member frozen (its step is not applied again).
     config.num_train_steps = 40
-    resumed = train.train_and_evaluate(config, str(tmp_path / "pop"), allow_config_change=True)
+    resumed = loop.train_and_evaluate(config, str(tmp_path / "pop"), allow_config_change=True)
     meta = checkpoints.Checkpointer(str(tmp_path / "pop"), read_only=True).meta(40)
     assert meta["diverged"] == {"1": [marker["diverged_at_step"], marker["frozen_at_step"]]}
     assert_same_params(jax.tree.map(lambda x: np.asarray(x)[1], resumed.params), frozen_params)
@@ -684,13 +725,13 @@ def parsed_config(*overrides, variant="cyclical"):
 @pytest.mark.parametrize(
     "overrides, steps, cycle",
     [
-        # Before: a 200-step run trained 100,000 (the cycle's override set the run's length).
+        # The cycle's override sets the cycle's length only, not the run's.
         (
             ["--config.num_train_steps=200", "--config.beta_schedule.total_steps=100000"],
             200,
             100000,
         ),
-        # Before: both 200 (the cycle's length dropped).
+        # Either order: the cycle keeps its own override after the run's length is set.
         (["--config.beta_schedule.total_steps=100", "--config.num_train_steps=200"], 200, 100),
         (["--config.beta_schedule.total_steps=100"], 40000, 100),
         (["--config.num_train_steps=200"], 200, 200),  # the cycle follows the run's length
@@ -751,12 +792,14 @@ def read_only(directory):
 
 
 def test_evaluate_checks_where_it_writes_before_computing(tmp_path, monkeypatch):
-    """Before: a read-only workdir lost the whole evaluation at its last step (the JSON
-    write); there was no --out."""
-    from vae_jax import evaluate, files
+    """evaluate checks where it writes before computing: an --out it cannot write in, or a
+    read-only workdir without --out, is a NotWritableError naming the flag; with a writable
+    --out, a read-only workdir is evaluated."""
+    from vae_jax import evaluate
+    from vae_jax.run import files
 
     workdir = tmp_path / "run"
-    train.train_and_evaluate(shared_tiny_config("constant", steps=10), str(workdir))
+    loop.train_and_evaluate(shared_tiny_config("constant", steps=10), str(workdir))
 
     def computed(*args, **kwargs):
         raise AssertionError("evaluated before checking where the results go")
@@ -777,24 +820,25 @@ def test_evaluate_checks_where_it_writes_before_computing(tmp_path, monkeypatch)
 
 
 def test_a_read_only_tfds_cache_holding_a_complete_build_is_read(tmp_path):
-    """Before: PermissionError (or EROFS) opening the build's lock file for writing."""
-    from vae_jax import input_pipeline
+    """A read-only TFDS cache holding a complete build is read; a corpus that needs another
+    build there is a ValueError saying the cache is read-only."""
 
     config = tiny_ptb_config(tmp_path)
-    built = input_pipeline.get_data(config)
+    built = build.get_data(config)
     with read_only(tmp_path / "tfds"):
-        again = input_pipeline.get_data(config)
+        again = build.get_data(config)
         assert again.info["fingerprint"] == built.info["fingerprint"]
         source = tmp_path / "ptb" / "ptb.train.txt"
         source.write_text(source.read_text() + "a new sentence\n")  # another build needed
         with pytest.raises(ValueError, match=r"ptb: no complete build .* cache is read-only"):
-            input_pipeline.get_data(config)
+            build.get_data(config)
 
 
 def test_files_a_run_writes_are_never_written_through_a_link(tmp_path):
-    """Before: a `lock`, `metrics.jsonl` or `eval_*.json` that was a symbolic link truncated
-    or overwrote its target."""
-    from vae_jax import files
+    """No file a run writes goes through a symbolic link: a `lock` link is refused, a
+    `metrics.jsonl` or `eval_*.json` link is replaced by the file itself, a planted temporary
+    fails the write; the links' target is never changed."""
+    from vae_jax.run import files
 
     target = tmp_path / "precious.txt"
     target.write_text("keep me\n")
@@ -802,10 +846,10 @@ def test_files_a_run_writes_are_never_written_through_a_link(tmp_path):
     workdir.mkdir()
     os.symlink(target, workdir / "lock")
     with pytest.raises(ValueError, match=r"run/lock is a symbolic link"):
-        train.train_and_evaluate(shared_tiny_config("constant", steps=5), str(workdir))
+        loop.train_and_evaluate(shared_tiny_config("constant", steps=5), str(workdir))
     os.remove(workdir / "lock")
     os.symlink(target, workdir / "metrics.jsonl")  # replaced by the run's own file
-    train.train_and_evaluate(shared_tiny_config("constant", steps=5), str(workdir))
+    loop.train_and_evaluate(shared_tiny_config("constant", steps=5), str(workdir))
     assert target.read_text() == "keep me\n" and not os.path.islink(workdir / "metrics.jsonl")
     with pytest.raises(ValueError, match=r"metrics.jsonl is a symbolic link"):
         os.remove(workdir / "metrics.jsonl")
@@ -822,35 +866,36 @@ def test_files_a_run_writes_are_never_written_through_a_link(tmp_path):
 
 
 def test_an_unusable_workdir_is_one_line_naming_it(tmp_path):
-    """Before: a read-only workdir's lock, or a run name over 255 bytes, was an OSError
-    traceback (exit status 1) rather than the promised line."""
-    from vae_jax import files
+    """A run name over 255 bytes, or a read-only workdir (its lock), is a NotWritableError
+    whose one line names the workdir or its lock file."""
+    from vae_jax.run import files
 
     config = shared_tiny_config("constant", steps=5)
     long_name = tmp_path / ("x" * 256)
     with pytest.raises(files.NotWritableError, match=r"--workdir=.*xxx: cannot create it"):
-        train.train_and_evaluate(config, str(long_name))
+        loop.train_and_evaluate(config, str(long_name))
     workdir = tmp_path / "run"
     workdir.mkdir()
     with read_only(workdir):
         with pytest.raises(files.NotWritableError, match=r"run/lock: cannot open the workdir's"):
-            train.train_and_evaluate(config, str(workdir))
+            loop.train_and_evaluate(config, str(workdir))
 
 
 def test_a_silent_divergence_keeps_the_checkpoint_before_it(tmp_path):
-    """Before: at lr=3 every loss stays finite (277,252 at step 22, against 12.3), nothing is
-    skipped, and frequent checkpoints rotated the healthy step 20 out (no keep period here)."""
+    """At lr=3 every loss stays finite and no step is skipped, but the loss jumps past
+    `steps.SUSPECT_FACTOR` x the recent median: the checkpoint before it, step 20, is kept
+    through the rotation (no keep period here), and still after a resume."""
     config = tiny_synthetic_config("cyclical", steps=20)
     config.update(checkpoint_every_steps=2, checkpoints_to_keep=3, checkpoint_keep_period=0)
     config.loss_spike.window = 10
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
     config.num_train_steps, config.lr_schedule.value = 40, 3.0
-    train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+    loop.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
     checkpointer = checkpoints.Checkpointer(str(tmp_path), read_only=True)
     assert checkpointer.steps() == [20, 36, 38, 40]
     assert checkpointer.meta(40)["protected"] == [20]
     records = [r for r in writers.read_metrics(str(tmp_path)) if "nonfinite_steps" in r]
     assert sum(r["nonfinite_steps"] + r["spike_steps"] for r in records) == 0  # all applied
     config.num_train_steps = 50  # a resume keeps it protected (the meta names it)
-    train.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
+    loop.train_and_evaluate(config, str(tmp_path), allow_config_change=True)
     assert checkpoints.Checkpointer(str(tmp_path), read_only=True).steps() == [20, 46, 48, 50]

@@ -10,8 +10,10 @@ import synthetic  # configs/synthetic.py
 from conftest import tiny_synthetic_config
 from flax import jax_utils
 
-from vae_jax import evaluate, models, objectives, runs, savae, train, writers
-from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
+from vae_jax import evaluate
+from vae_jax.core import models, objectives, savae
+from vae_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID, sequence_lengths
+from vae_jax.run import build, loop, steps, writers
 
 V = 11
 SIZES = dict(enc_emb_dim=5, enc_hidden_dim=6, dec_emb_dim=4, dec_hidden_dim=7, latent_dim=3)
@@ -161,23 +163,23 @@ def tiny_config(svi_steps, dropout=0.5):
 
 
 def steps_for(model, config):
-    beta_fn, lr_fn = train.make_schedules(config, None)
-    p_train = train.make_p_train_step(model, beta_fn, lr_fn, objectives.beta_elbo, donate=False)
-    p_eval = train.make_p_eval_step(model, objectives.beta_elbo)
+    beta_fn, lr_fn = steps.make_schedules(config, None)
+    p_train = steps.make_p_train_step(model, beta_fn, lr_fn, objectives.beta_elbo, donate=False)
+    p_eval = steps.make_p_eval_step(model, objectives.beta_elbo)
     return p_train, p_eval
 
 
 def test_k0_train_step_equals_the_plain_vae_step_exactly():
     config = tiny_config(svi_steps=2)
-    vae = runs.make_model(tiny_config(svi_steps=0), V)
+    vae = build.make_model(tiny_config(svi_steps=0), V)
     assert type(vae) is models.VAE  # svi_* fields are kept away from the plain VAE
-    sa_k2 = runs.make_model(config, V)
+    sa_k2 = build.make_model(config, V)
     assert isinstance(sa_k2, savae.SAVAE) and sa_k2.svi_steps == 2
     sa_k0 = sa_k2.clone(svi_steps=0)
-    _, lr_fn = train.make_schedules(config, None)
-    state = train.create_train_state(config, vae, lr_fn, jax.random.PRNGKey(3), TOKENS.shape[1])
+    _, lr_fn = steps.make_schedules(config, None)
+    state = steps.create_train_state(config, vae, lr_fn, jax.random.PRNGKey(3), TOKENS.shape[1])
     state = jax_utils.replicate(state)
-    batch = train.shard({"tokens": np.asarray(TOKENS)}, 1)
+    batch = steps.shard({"tokens": np.asarray(TOKENS)}, 1)
     results = {}
     for name, model in (("vae", vae), ("k0", sa_k0)):
         p_train, _ = steps_for(model, config)
@@ -191,16 +193,16 @@ def test_k0_train_step_equals_the_plain_vae_step_exactly():
 
 def test_eval_step_reports_the_refined_posterior_under_the_eval_key():
     config = tiny_config(svi_steps=2)
-    model = runs.make_model(config, V)
+    model = build.make_model(config, V)
     params = init(model)
     key = jax.random.PRNGKey(5)
     _, p_eval = steps_for(model, config)
     sums = p_eval(
         jax_utils.replicate(params),
-        train.shard({"tokens": np.asarray(TOKENS)}, 1),
+        steps.shard({"tokens": np.asarray(TOKENS)}, 1),
         jax_utils.replicate(key),
     )
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))  # train.example_keys
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(4))  # steps.example_keys
     out = savae.apply(model, params, TOKENS, keys, beta=jnp.float32(1.0), train=False)
     _, want = objectives.beta_elbo(out, TOKENS, jnp.float32(1.0))
     for k in want:
@@ -268,11 +270,11 @@ def test_refinement_raises_the_elbo_of_a_trained_model():
 def test_configs_build_sa_vaes():
     for variant in ("savae_cyclical", "savae_monotonic"):
         config = ptb.get_config(variant)
-        model = runs.make_model(config, 100)
+        model = build.make_model(config, 100)
         assert isinstance(model, savae.SAVAE) and model.svi_steps == 10
         assert config.beta_schedule.name == variant.removeprefix("savae_")
-    assert type(runs.make_model(ptb.get_config("cyclical"), 100)) is models.VAE
-    assert isinstance(runs.make_model(synthetic.get_config("savae_monotonic"), 100), savae.SAVAE)
+    assert type(build.make_model(ptb.get_config("cyclical"), 100)) is models.VAE
+    assert isinstance(build.make_model(synthetic.get_config("savae_monotonic"), 100), savae.SAVAE)
     with pytest.raises(ValueError, match="config.model.svi_momentum=1.5"):
         savae.SAVAE(vocab_size=10, svi_momentum=1.5)
 
@@ -284,7 +286,7 @@ def test_evaluate_scores_an_sa_vae_at_its_refined_posterior(tmp_path):
     workdir = str(tmp_path)
     config = tiny_synthetic_config("savae_cyclical", steps=60, log_every=20)
     config.model.svi_steps = 5
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     argv = [f"--workdir={workdir}", "--checkpoint=last", "--num_importance_samples=200"]
     results = evaluate.main([*argv, "--num_prior_samples=500"])
 
@@ -300,8 +302,8 @@ def test_evaluate_scores_an_sa_vae_at_its_refined_posterior(tmp_path):
     assert results["amortized_iw_nll"] <= results["amortized_neg_elbo"] + err
 
     # AU's variances are those of λ_K's means, refined here by savae.apply under the same keys.
-    _, data, model, params, _ = runs.load_run(workdir, "last")
-    key, mus = runs.eval_key(config), []
+    _, data, model, params, _ = build.load_run(workdir, "last")
+    key, mus = build.eval_key(config), []
     for i, batch in enumerate(data.eval_splits["eval"]):
         tokens = jnp.asarray(batch["tokens"])
         keys = jax.vmap(jax.random.fold_in, (None, 0))(
@@ -386,7 +388,7 @@ def test_invalid_svi_hvp_raises_a_clear_error():
     assert config.model.svi_hvp == "exact"  # every config gets the field, from svi_defaults
     config.model.svi_hvp = "finite_differences"
     with pytest.raises(ValueError, match="config.model.svi_hvp='finite_differences'"):
-        runs.make_model(config, 100)
+        build.make_model(config, 100)
 
 
 def test_training_with_finite_difference_hvps_tracks_the_exact_loss_curve():
@@ -395,10 +397,10 @@ def test_training_with_finite_difference_hvps_tracks_the_exact_loss_curve():
     config = tiny_config(svi_steps=3)
     config.model.update(init_scale=1.0, svi_lr=0.5)
     config.lr_schedule.value = 1e-2
-    exact = runs.make_model(config, V)
-    _, lr_fn = train.make_schedules(config, None)
-    state = train.create_train_state(config, exact, lr_fn, jax.random.PRNGKey(3), TOKENS.shape[1])
-    batch = train.shard({"tokens": np.asarray(TOKENS)}, 1)
+    exact = build.make_model(config, V)
+    _, lr_fn = steps.make_schedules(config, None)
+    state = steps.create_train_state(config, exact, lr_fn, jax.random.PRNGKey(3), TOKENS.shape[1])
+    batch = steps.shard({"tokens": np.asarray(TOKENS)}, 1)
     curves = {}
     for model in (exact, exact.clone(svi_hvp="finite_difference")):
         p_train, _ = steps_for(model, config)

@@ -12,7 +12,7 @@ from conftest import fixture_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae_jax import schedules
+from vae_jax.core import schedules
 
 
 def _reference_cases():

@@ -1,4 +1,4 @@
-"""Tests for vae_jax.datasets.swda: SwitchBoard dialogs with a stand-in train split from SwDA."""
+"""Tests for vae_jax.dialog.swda: SwitchBoard dialogs with a stand-in train split from SwDA."""
 
 import collections
 import csv
@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vae_jax import tokens
-from vae_jax.datasets import swda, text
+from vae_jax.core import tokens
+from vae_jax.data import text
+from vae_jax.dialog import swda
 
 ROOT = os.environ.get(text.DATA_DIR_ENV, "")
 SWDA_DIR, RAW_DIR = (Path(ROOT) / swda.JSONL_FOLDER, Path(ROOT) / swda.RAW_FOLDER)
@@ -94,7 +95,8 @@ def test_missing_sources_are_named(tmp_path: Path) -> None:
 
 
 def test_bad_bytes_and_malformed_utts_name_the_file_and_line(tmp_path: Path) -> None:
-    """Before: a codec error or an IndexError, without the file."""
+    """Bytes that are not UTF-8, and an utterance that is not [speaker, text, act], in a .jsonl
+    or .utt file are a ValueError naming the file and the line."""
     good = ["A", "yes", ["statement-non-opinion", [0.0, 1.0, 0.0, 0.0]]]
     dialog = {"A": {}, "B": {}, "topic": "MUSIC", "utts": [good]}
     path = tmp_path / "valid.jsonl"
@@ -266,7 +268,7 @@ def test_a_second_load_reuses_the_build_and_a_damaged_one_is_rebuilt(
     assert again.topics == ds.topics and again.stats == ds.stats
     record = next(again.data_dir.glob("*train.array_record*"))
     record.write_bytes(record.read_bytes()[:-100])
-    with caplog.at_level(logging.WARNING, logger="vae_jax.datasets.text"):
+    with caplog.at_level(logging.WARNING, logger="vae_jax.data.text"):
         rebuilt = swda.load(SWDA_DIR, RAW_DIR, copy)
     assert "is damaged" in caplog.text and "rebuilding" in caplog.text
     assert rebuilt.fingerprint == ds.fingerprint and len(rebuilt.splits["train"]) == 1099

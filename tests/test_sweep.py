@@ -6,7 +6,8 @@ import textwrap
 
 import pytest
 
-from vae_jax import population, sweep, writers
+from vae_jax import sweep
+from vae_jax.run import build, population, writers
 
 TINY = {  # configs/synthetic.py shrunk as conftest.tiny_synthetic_config does
     "num_train_steps": 20, "log_every_steps": 10, "eval_every_steps": 20, "batch_size": 8,
@@ -132,14 +133,16 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
     ],
 )
 def test_a_broken_sweep_file_is_one_line_naming_it(tmp_path, body, message):
-    """Before: a TypeError ('NoneType' is not iterable) or the file's own traceback."""
+    """A sweep file that does not load, whose get_sweep() returns None or raises, is refused
+    with a ValueError: one line naming the file (and line) and what went wrong."""
     (tmp_path / "s.py").write_text(body)
     with pytest.raises(ValueError, match=message):
         sweep.load_sweep(str(tmp_path / "s.py"))
 
 
 def test_a_run_name_too_long_for_a_file_name_is_refused_by_the_dry_run(tmp_path, capsys):
-    """Before: --dry_run passed, then the run crashed with OSError (File name too long)."""
+    """A run name too long for a file name is refused by --dry_run itself, with a ValueError
+    naming the run and its length in bytes."""
     (tmp_path / "s.py").write_text(
         "def get_sweep():\n"
         "    return [{'config': 'c.py:x', 'init_from': f'runs/{c}' * 40} for c in 'ab']\n"
@@ -177,7 +180,9 @@ def sweep_with(tmp_path, steps, seeds):
 def test_a_finished_job_the_sweep_has_changed_since_is_reported_not_kept_silently(
     tmp_path, monkeypatch
 ):
-    """Before: a longer num_train_steps in the sweep file reported "done already"."""
+    """A finished job whose settings in the sweep file have changed since (a longer
+    num_train_steps) is reported as no longer matching and kept; --rerun_changed resumes it
+    with the new settings (--allow_config_change), and it is done after that."""
     monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
     FakeTraining.commands = []
     sweep.main(sweep_with(tmp_path, 20, [0]))
@@ -192,8 +197,8 @@ def test_a_finished_job_the_sweep_has_changed_since_is_reported_not_kept_silentl
 
 
 def test_a_population_that_grows_trains_only_its_new_members(tmp_path, monkeypatch):
-    """Before: adding seed 2 to a finished seeds 0-1 population retrained seeds 0 and 1 in a
-    new population, while the runs' links still pointed at the old one."""
+    """Seed 2 added to a finished population of seeds 0-1 trains seed 2 alone (a single run);
+    seeds 0 and 1 keep their population and their links into it."""
     monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
     FakeTraining.commands = []
     sweep.main(sweep_with(tmp_path, 20, [0, 1]))
@@ -212,16 +217,17 @@ def test_a_population_that_grows_trains_only_its_new_members(tmp_path, monkeypat
 
 
 def test_an_orphaned_training_is_waited_for_and_its_job_recorded(tmp_path, monkeypatch, capsys):
-    """Before: after kill -9 of the runner, its child kept the workdir's lock; the rerun's
-    child was refused by it and the job was never recorded as done."""
+    """A training left behind by a killed runner, still holding a job's workdir lock, is
+    waited for (the rerun says so), then the job runs and is recorded as done."""
     import subprocess
     import sys
 
     job_dir = tmp_path / "w" / "c-x.seed-0"
     job_dir.mkdir(parents=True)
     orphan = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from vae_jax import runs\n"
-         f"with runs.WorkdirLock({str(job_dir)!r}):\n print('held', flush=True); time.sleep(3)"],
+        [sys.executable, "-c", "import sys, time; from vae_jax.run import workdirs\n"
+         f"with workdirs.WorkdirLock({str(job_dir)!r}):\n"
+         " print('held', flush=True); time.sleep(3)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert orphan.stdout.readline() == "held\n"
@@ -314,14 +320,14 @@ def test_tpu_dry_run_installs_passes_data_and_names_zone_and_project(tmp_path, c
 def test_object_store_workdirs_are_refused_before_anything_runs(tmp_path, monkeypatch):
     from conftest import tiny_synthetic_config
 
-    from vae_jax import runs, train
+    from vae_jax.run import loop
 
     monkeypatch.chdir(tmp_path)
     message = r"^--workdir=gs://b/run: object stores \(gs://\) are not supported .* gcsfuse"
     with pytest.raises(ValueError, match=message):
         sweep.main([f"--sweep={_tiny_sweep_file(tmp_path)}", "--workdir=gs://b/run"])
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(tiny_synthetic_config(), "gs://b/run")
+        loop.train_and_evaluate(tiny_synthetic_config(), "gs://b/run")
     with pytest.raises(ValueError, match=message):
-        runs.load_run("gs://b/run")
+        build.load_run("gs://b/run")
     assert not os.path.exists(tmp_path / "gs:")  # nothing was written

@@ -1,4 +1,4 @@
-"""Tests for vae_jax.datasets.text: building plain-text corpora as array_record TFDS datasets."""
+"""Tests for vae_jax.data.text: building plain-text corpora as array_record TFDS datasets."""
 
 import logging
 import os
@@ -14,11 +14,11 @@ import tensorflow_datasets as tfds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae_jax import tokens
-from vae_jax.datasets import text
+from vae_jax.core import tokens
+from vae_jax.data import text
 
 REPO = Path(__file__).resolve().parents[1]
-LOGGER = "vae_jax.datasets.text"
+LOGGER = "vae_jax.data.text"
 
 # A tiny PTB-format corpus whose vocabulary order is worked out by hand: frequencies in train
 # are the:3, cat:2, sat:2, <unk>:2 (not a word of its own), then dog, a, end once each, in that
@@ -128,7 +128,7 @@ def test_builds_and_reads_without_tensorflow(tiny_ptb: Path, tmp_path: Path) -> 
                 return getattr(self.finder, attr)
 
         sys.meta_path[:] = [HideTensorFlow(f) for f in sys.meta_path]
-        from vae_jax.datasets import text
+        from vae_jax.data import text
         ds = text.load("ptb", {str(tiny_ptb)!r}, {str(tmp_path / "tfds")!r})
         assert ds.splits["train"][0].tolist() == [4, 5, 6, 1]
         assert "tensorflow" not in sys.modules
@@ -182,7 +182,8 @@ def test_changed_source_is_built_beside_the_old_build(tiny_ptb: Path, tmp_path: 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_a_damaged_build_is_detected_and_rebuilt(tiny_ptb, tmp_path, damage, caplog) -> None:
-    """Before: a deleted or truncated array_record file gave a raw Riegeli / open() error."""
+    """A build with a deleted or truncated array_record file is detected: a warning names the
+    damaged build, it is rebuilt, and the rebuilt data are the first build's."""
     first = text.load("ptb", tiny_ptb, tmp_path / "tfds")
     record = next(p for p in sorted(first.data_dir.iterdir()) if "train.array_record" in p.name)
     if damage == "delete":
@@ -404,7 +405,7 @@ def test_concurrent_loads_build_once(tmp_path):
 
     src = write_ptb(tmp_path / "src")
     script = (
-        "import sys; from vae_jax.datasets import text; "
+        "import sys; from vae_jax.data import text; "
         "ds = text.load('ptb', sys.argv[1], sys.argv[2]); print(len(ds.splits['train']))"
     )
     procs = [

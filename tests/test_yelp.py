@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from conftest import run_python, tiny_synthetic_config
 
-from vae_jax import input_pipeline, models, train
-from vae_jax.datasets import text
+from vae_jax.core import models
+from vae_jax.data import text
+from vae_jax.run import build, loop
 
 YELP = os.path.join(os.environ.get(text.DATA_DIR_ENV, ""), "yelp_shen_sentiment", "first10pct")
 needs_yelp = pytest.mark.skipif(
@@ -62,7 +63,7 @@ def test_cnn_vae_and_autoencoder_train(tmp_path):
         config = tiny_synthetic_config("cyclical", steps=20)
         config.model.update(encoder="cnn", cnn_filters=(8, 8, 8), cnn_length=5)
         config.model.deterministic = deterministic
-        state = train.train_and_evaluate(config, str(tmp_path / str(deterministic)))
+        state = loop.train_and_evaluate(config, str(tmp_path / str(deterministic)))
         assert int(state.step) == 20
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -86,12 +87,12 @@ def test_pretrain_then_classify(tmp_path):
     config.data.tfds_dir = str(tmp_path / "tfds")
     config.update(num_epochs=-1, num_train_steps=30, eval_every_epochs=-1, eval_every_steps=30)
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
-    data = input_pipeline.get_data(config)
+    loop.train_and_evaluate(config, workdir)
+    data = build.get_data(config)
     batch = next(data.train(0))
     assert set(batch) == {"tokens", "labels"} and set(np.unique(batch["labels"])) <= {-1, 0, 1}
     out = run_python(
-        ["experiments/yelp_classify.py", workdir, f"--out={tmp_path / 'out'}",
+        ["experiments/table3_classify.py", workdir, f"--out={tmp_path / 'out'}",
          "--sizes=100,all", "--seeds=2", "--steps=400", "--eval_every=100"],
         env={"VAE_JAX_TFDS_DIR": str(tmp_path / "tfds")},
     )  # fmt: skip
@@ -108,7 +109,7 @@ def test_pretrain_then_classify(tmp_path):
     # The same command again reuses the run's result instead of classifying it anew.
     stamp = os.path.getmtime(tmp_path / "out" / "run" / "balanced.best.json")
     out = run_python(
-        ["experiments/yelp_classify.py", workdir, f"--out={tmp_path / 'out'}",
+        ["experiments/table3_classify.py", workdir, f"--out={tmp_path / 'out'}",
          "--sizes=100,all", "--seeds=2", "--steps=400", "--eval_every=100"],
         env={"VAE_JAX_TFDS_DIR": str(tmp_path / "tfds")},
     )  # fmt: skip
@@ -116,7 +117,7 @@ def test_pretrain_then_classify(tmp_path):
     assert os.path.getmtime(tmp_path / "out" / "run" / "balanced.best.json") == stamp
     # The encoder trained with the classifier: the same protocol otherwise.
     out = run_python(
-        ["experiments/yelp_classify.py", workdir, f"--out={tmp_path / 'ft'}", "--sizes=100",
+        ["experiments/table3_classify.py", workdir, f"--out={tmp_path / 'ft'}", "--sizes=100",
          "--seeds=2", "--steps=20", "--eval_every=10", "--finetune_encoder"],
         env={"VAE_JAX_TFDS_DIR": str(tmp_path / "tfds")},
     )  # fmt: skip
@@ -134,7 +135,7 @@ def test_pretrain_then_classify(tmp_path):
 def test_yelp_variants_check():
     import yelp
 
-    from vae_jax import config_checks
+    from vae_jax.run import config_checks
 
     config = yelp.get_config("free_bits")  # Li et al.'s free bits: 16 nats over z's 256 dims
     assert config.objective == "free_bits" and config.beta_schedule.name == "monotonic"
@@ -150,23 +151,23 @@ def test_yelp_variants_check():
 
 
 def test_official_draw_is_a_random_tenth():
-    import yelp_classify
+    import table3_classify
 
     labels = np.r_[np.ones(900), np.zeros(100)]
-    subsets = yelp_classify.official_subsets(1000, 5, seed=0)
+    subsets = table3_classify.official_subsets(1000, 5, seed=0)
     assert subsets.shape == (5, 100)
     assert all(len(set(row)) == 100 and 0 <= row.min() and row.max() < 1000 for row in subsets)
     assert len({tuple(sorted(row)) for row in subsets}) == 5  # five different draws
     # Not class-balanced: the draws hold the population's 90% of positives, not 50%.
     assert 0.8 < labels[subsets].mean() < 1.0
-    np.testing.assert_array_equal(subsets, yelp_classify.official_subsets(1000, 5, seed=0))
-    assert yelp_classify.official_subsets(44409, 1, seed=0).shape == (1, 4440)  # the paper's
+    np.testing.assert_array_equal(subsets, table3_classify.official_subsets(1000, 5, seed=0))
+    assert table3_classify.official_subsets(44409, 1, seed=0).shape == (1, 4440)  # the paper's
 
 
 def test_official_learning_rate_decays_by_099_per_100_epochs():
-    import yelp_classify
+    import table3_classify
 
-    lr = yelp_classify.official_lr(1e-4, steps_per_epoch=138)
+    lr = table3_classify.official_lr(1e-4, steps_per_epoch=138)
     assert float(lr(0)) == pytest.approx(1e-4)
     assert float(lr(138 * 50)) == pytest.approx(1e-4 * 0.99**0.5)  # not a staircase
     assert float(lr(138 * 100)) == pytest.approx(0.99e-4)
@@ -175,7 +176,7 @@ def test_official_learning_rate_decays_by_099_per_100_epochs():
 def test_official_classifier_reads_raw_features():
     """Its best epoch's accuracies are those of σ(wᵀμ + b) on μ as given: no standardisation
     (these features have an offset and a scale that one would remove)."""
-    import yelp_classify
+    import table3_classify
 
     rng = np.random.default_rng(0)
 
@@ -184,8 +185,8 @@ def test_official_classifier_reads_raw_features():
         return x, (x[:, 0] - 5 + rng.normal(size=n) > 0).astype(np.int32)
 
     (x, y), dev, test = split(1000), split(300), split(300)
-    subsets = yelp_classify.official_subsets(len(y), 3, seed=0)
-    probes, params = yelp_classify.fit_official(x, y, subsets, dev, test, epochs=12, seed=1)
+    subsets = table3_classify.official_subsets(len(y), 3, seed=0)
+    probes, params = table3_classify.fit_official(x, y, subsets, dev, test, epochs=12, seed=1)
     for k, probe in enumerate(probes):
         w, b = params["w"][k].astype(np.float64), float(params["b"][k])
         for (xs, ys), key in ((dev, "dev_acc"), (test, "test_acc")):
@@ -207,13 +208,13 @@ def short_yelp_run(tmp_path_factory):
     config = yelp.get_config("tiny")
     config.data.update(max_length=4, tfds_dir=str(root / "tfds"))
     config.update(batch_size=128, eval_batch_size=512, checkpoint_keep_every_epochs=1)
-    train.train_and_evaluate(config, str(root / "run"))
+    loop.train_and_evaluate(config, str(root / "run"))
     return root
 
 
 def classify(root, *args, run=None):
     return run_python(
-        ["experiments/yelp_classify.py", str(run or root / "run"), *args],
+        ["experiments/table3_classify.py", str(run or root / "run"), *args],
         env={"VAE_JAX_TFDS_DIR": str(root / "tfds")},
     )
 
@@ -223,7 +224,7 @@ def test_bad_input_ends_in_one_line_before_any_feature(short_yelp_run, tmp_path)
 
     root = short_yelp_run
     unlabelled = str(tmp_path / "synthetic")
-    train.train_and_evaluate(tiny_synthetic_config(steps=4), unlabelled)
+    loop.train_and_evaluate(tiny_synthetic_config(steps=4), unlabelled)
     no_best = tmp_path / "no_best"
     no_best.mkdir()
     for name in ("config.json", "metrics.jsonl", "checkpoints"):
@@ -275,7 +276,7 @@ def test_official_protocol_cycle_ends_and_archive_round_trip(short_yelp_run, tmp
 
     archive = tmp_path / "archive"
     out = run_python(
-        ["experiments/yelp_table.py", str(root / "run"), f"--classified={classified}",
+        ["experiments/table3_yelp.py", str(root / "run"), f"--classified={classified}",
          f"--archive={archive}", f"--out={tmp_path / 'from_runs'}"],
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -283,7 +284,7 @@ def test_official_protocol_cycle_ends_and_archive_round_trip(short_yelp_run, tmp
     assert len(os.listdir(archive / "run" / "classify")) == 4
     # The archive alone gives the same tables, the runs and classifier outputs gone.
     os.rename(classified, tmp_path / "moved")
-    out = run_python(["experiments/yelp_table.py", str(archive), f"--out={tmp_path / 'table'}"])
+    out = run_python(["experiments/table3_yelp.py", str(archive), f"--out={tmp_path / 'table'}"])
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "table" / "table3.json") as f:
         table = json.load(f)

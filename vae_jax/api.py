@@ -8,7 +8,7 @@
     vae.interpolate("first sentence", "second one")    # z_t between two posterior means
     mu = vae.encode(["a sentence", "another"])         # (2, latent_dim)
 
-It reads what `vae_jax.generate` reads (`runs.load_run`): a text run's workdir holds its
+It reads what `vae_jax.generate` reads (`build.load_run`): a text run's workdir holds its
 vocabulary, so no corpus is needed. Sentences are words of that vocabulary (unknown ones become
 ``<unk>``); for the synthetic task, token ids separated by spaces.
 """
@@ -23,7 +23,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vae_jax import backend, cvae, generate, models, runs
+from vae_jax import generate
+from vae_jax.core import models
+from vae_jax.run import backend, build
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +86,8 @@ def load(
     """The run in ``workdir`` (``checkpoint``: auto, best, last or a step; ``member`` of a
     population) as a `TrainedVAE`. A dialog CVAE's run is refused: it samples responses to a
     context (``python -m vae_jax.generate --mode=responses``)."""
-    config, data, model, params, info = runs.load_run(workdir, checkpoint, data_dir, member)
-    if isinstance(model, cvae.CVAE):
+    config, data, model, params, info = build.load_run(workdir, checkpoint, data_dir, member)
+    if not build.task(config).loadable:
         raise ValueError(
             f"vae_jax.load({workdir!r}): a dialog CVAE's run; use python -m vae_jax.generate "
             "--mode=responses."

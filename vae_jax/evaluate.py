@@ -5,16 +5,16 @@
     python -m vae_jax.evaluate --workdir=runs/population --member=2    # a population's member
 
 Loads ``WORKDIR/config.json`` and a checkpoint (`checkpoints.restore_params`), reads the split
-with `input_pipeline.get_data` and reports, per sentence unless said otherwise (definitions in
-`vae_jax.metrics`):
+with `build.get_data` and reports, per sentence unless said otherwise (definitions in
+`vae_jax.core.metrics`):
 
 - Rec, KL, −ELBO and the PPL bound as training reports them (one z, no dropout);
 - IW-NLL with K importance samples (He et al. 2019: K = 500) and IW-PPL;
 - MI, mini-batch (ceiling Σ_b B_b ln B_b / N) and whole-split (ceiling ln N) estimators;
 - AU, and DG-VAE's posterior-hole metrics KL(p ‖ q_agg) and CU@τ.
 
-Every figure uses the posterior the model is trained at (`vae_jax.forward`). An SA-VAE is scored
-at its SVI-refined λ_K, as Kim et al. (2018) and Fu et al. (2019) report it: the ELBO at λ_K,
+Every figure uses the posterior the model is trained at (`vae_jax.core.forward`). An SA-VAE is
+scored at its SVI-refined λ_K, as Kim et al. (2018) and Fu et al. (2019) report it: the ELBO at λ_K,
 IW-NLL with q(z|x; λ_K) as the proposal, MI, AU and holes of the λ_K posteriors; the refinement
 runs under the evaluation key at β = 1, so the ELBO figures are training's logged ones. The
 same metrics at the encoder's amortized λ₀ follow as ``amortized_*`` (the gap is what the
@@ -22,20 +22,19 @@ refinement buys); ``posterior`` and ``amortized_posterior`` in the JSON say whic
 ``elbo_mc_stderr`` is the Monte Carlo standard error of the one-sample ELBO (from the spread
 of the importance log-weights, whose KL is sampled: an upper estimate).
 
-A dialog CVAE's run (`vae_jax.cvae`) gets the dialog code's test instead (`evaluate_dialog`):
-Rec, KL(q ‖ p(z|c)), the bag-of-words loss, −ELBO, the PPL bound and the response perplexity;
-then ``--num_samples`` responses per context from the prior p(z|c), scored against the true
-response (BLEU-1…4, A-bow/E-bow with ``--word_vectors``, distinct-1/2: `vae_jax.responses`),
-every sample written to ``WORKDIR/samples_<split>.txt``.
+A dialog CVAE's run (`vae_jax.dialog.cvae`) gets the dialog code's test instead
+(`vae_jax.dialog.evaluation`): Rec, KL(q ‖ p(z|c)), the bag-of-words loss, −ELBO, the PPL
+bound, the response perplexity, and sampled responses scored against the true one, every
+sample written to ``WORKDIR/samples_<split>.txt``.
 
 IW-NLL dominates the time: on PTB's test split (3,761 sentences, 10k words) each of the K
 samples needs the full softmax at every token. ``--num_importance_samples 50`` is a quick run.
 """
 
-from vae_jax import host
+from vae_jax.run import host
 
 if __name__ == "__main__":
-    host.tune_cpu_host("vae_jax.evaluate")  # before jax loads: see vae_jax.host
+    host.tune_cpu_host("vae_jax.evaluate")  # before jax loads: see vae_jax.run.host
 
 import functools  # noqa: E402
 import json  # noqa: E402
@@ -47,21 +46,13 @@ from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from vae_jax import (  # noqa: E402
-    backend,
-    cli,
-    cvae,
-    dialog_metrics,
-    files,
-    input_pipeline,
-    metrics,
-    models,
-    responses,
-    runs,
-    savae,
-)
+from vae_jax.core import metrics, models, savae  # noqa: E402
+from vae_jax.data import batching  # noqa: E402
+from vae_jax.run import backend, build, cli, files, workdirs  # noqa: E402
+
+PROG = "python -m vae_jax.evaluate"
 
 
 def _log(message: str) -> None:
@@ -71,7 +62,7 @@ def _log(message: str) -> None:
 def evaluate_split(
     model: models.VAE,
     params: Any,
-    batches: Sequence[input_pipeline.Batch],
+    batches: Sequence[batching.Batch],
     *,
     elbo_key: jax.Array,
     key: jax.Array,
@@ -83,10 +74,10 @@ def evaluate_split(
 ) -> dict[str, Any]:
     """Every metric of one split (see the module docstring); per sentence unless named so.
 
-    Every figure uses the posterior ``model`` is trained at (`vae_jax.forward`): for an
+    Every figure uses the posterior ``model`` is trained at (`vae_jax.core.forward`): for an
     SA-VAE the refined λ_K (its SVI run under ``elbo_key`` at β = 1, no dropout), which is
     then also the IW-NLL's proposal and the posterior of MI, AU and the hole metrics.
-    ``elbo_key`` is the key training evaluates with (`runs.eval_key`), so the ELBO figures
+    ``elbo_key`` is the key training evaluates with (`build.eval_key`), so the ELBO figures
     repeat the logged ones; IW samples, MI's z and the prior samples of the hole metrics come
     from ``key`` (folded with 0, 1, 2).
     """
@@ -147,60 +138,6 @@ def evaluate_split(
     )
     results["seconds"] = seconds
     return results
-
-
-def evaluate_dialog(
-    model: cvae.CVAE,
-    params: Any,
-    data: input_pipeline.Data,
-    split: str,
-    *,
-    elbo_key: jax.Array,
-    key: jax.Array,
-    num_samples: int = 5,
-    vectors: dialog_metrics.WordVectors | None = None,
-    max_contexts: int = 0,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A dialog CVAE's figures on ``split`` (module docstring) and its sampled responses
-    (`responses.sample`'s results; the first ``max_contexts`` scored contexts, 0: all)."""
-    params = jax.device_put(params)
-    seconds = {}
-    start = time.perf_counter()
-    figures = metrics.elbo_figures(model, params, data.eval_splits[split], elbo_key)
-    seconds["elbo"] = time.perf_counter() - start
-    batcher = data.info["eval_batchers"][split]
-    rows = responses.scored_rows(batcher)[: max_contexts or None]
-    start = time.perf_counter()
-    sampled = list(responses.sample(model, params, batcher, rows, key, num_samples))
-    seconds["sampling"] = time.perf_counter() - start
-    start = time.perf_counter()
-    scores = responses.score(sampled, data.info["vocab"], vectors)
-    seconds["scoring"] = time.perf_counter() - start
-    results = {
-        **figures,
-        "neg_elbo": -figures["elbo"],
-        "responses": len(batcher.rows),
-        **scores,
-        "num_samples": num_samples,
-        "max_contexts": max_contexts,  # 0: every context (a reader reuses only a match)
-        "references": "one per context: the true response (test_multi_ref.json is not here)",
-        "word_vectors": vectors.path if vectors is not None else None,
-        "posterior": "recognition network q(z|x, c); KL to the prior network p(z|c)",
-        "sampling": "z ~ p(z|c), greedy decoding, one z per sample",
-        "seconds": seconds,
-    }
-    return results, sampled
-
-
-def format_dialog_table(r: dict[str, Any]) -> str:
-    """The ELBO figures and Table 2's metrics of `evaluate_dialog`, as Markdown."""
-    lines = ["| Rec | KL | BOW | −ELBO | PPL bound | response PPL |", "|---|---|---|---|---|---|"]
-    bow = f"{r['bow']:.3f}" if "bow" in r else "–"  # the plain CVAE has no BOW head
-    lines.append(
-        f"| {r['rec']:.3f} | {r['kl']:.3f} | {bow} | {r['neg_elbo']:.3f} | "
-        f"{r['ppl_bound']:.2f} | {r['rec_ppl']:.2f} |"
-    )
-    return "\n".join(lines) + "\n\n" + dialog_metrics.format_table({"this run": r})
 
 
 def _column(r: dict[str, Any], p: str) -> list[str]:
@@ -294,7 +231,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> dict[str, Any]:
     """Evaluates as the parsed flags ``fv`` say; returns the results it writes."""
-    config, data, model, params, info = runs.load_run(
+    config, data, model, params, info = build.load_run(
         fv.workdir, fv.checkpoint, fv.data_dir, fv.member
     )
     # The run's matmul precision, so that its figures are training's on any backend.
@@ -304,19 +241,28 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
 
 def _run(fv, config, data, model, params, info) -> dict[str, Any]:
     run_dir = info["run_dir"]  # a population's member: WORKDIR/members/<k>
-    split = runs.choose_split(data, fv.split)
+    split = build.choose_split(data, fv.split)
     # Before the evaluation (minutes to hours), not after it: where its results will go.
     out = fv.out or run_dir
     what = f"--out={fv.out}" if fv.out else f"--workdir={fv.workdir} (pass --out=<a directory>)"
     files.check_writable(out, what)
     _log(f"Evaluating {run_dir} (checkpoint {info['checkpoint']}: {info}) on {split}.")
-    if isinstance(model, cvae.CVAE):
-        return _run_dialog(fv, config, data, model, params, info, split, out)
+    task = build.task(config)
+    if task.evaluate is not None:  # a task with a test of its own (the dialog CVAE's)
+        results, extra = task.evaluate(
+            fv, config, data, model, params, info, split, build.eval_key(config)
+        )
+        for name, text in extra.items():
+            files.write_atomic(os.path.join(out, name), text)
+        path = workdirs.eval_results_path(out, split)
+        files.write_atomic(path, json.dumps(results, indent=1))
+        _log(f"Wrote {path} and {', '.join(extra)}")
+        return results
     evaluate = functools.partial(
         evaluate_split,
         params=params,
         batches=data.eval_splits[split],
-        elbo_key=runs.eval_key(config),
+        elbo_key=build.eval_key(config),
         key=jax.random.PRNGKey(fv.seed),
         num_importance_samples=fv.num_importance_samples,
         num_prior_samples=fv.num_prior_samples,
@@ -349,52 +295,17 @@ def _run(fv, config, data, model, params, info) -> dict[str, Any]:
         f"sentences, {results['predicted_tokens']} predicted tokens; per sentence, in nats"
     )
     print(format_table(results))
-    path = runs.eval_results_path(out, split)
+    path = workdirs.eval_results_path(out, split)
     files.write_atomic(path, json.dumps(results, indent=1))  # replaces a link, never follows
     _log(f"Wrote {path}")
-    return results
-
-
-def _run_dialog(fv, config, data, model, params, info, split, out) -> dict[str, Any]:
-    vectors = None
-    if fv.word_vectors:
-        vectors = dialog_metrics.load_word_vectors(fv.word_vectors, set(data.info["vocab"].words))
-    else:
-        _log("No --word_vectors: A-bow and E-bow are skipped (no package ships GloVe offline).")
-    results, sampled = evaluate_dialog(
-        model, params, data, split, elbo_key=runs.eval_key(config),
-        key=jax.random.PRNGKey(fv.seed), num_samples=fv.num_samples, vectors=vectors,
-        max_contexts=fv.max_contexts,
-    )  # fmt: skip
-    run_dir = info["run_dir"]
-    results = {
-        "workdir": run_dir, "split": split, "checkpoint": info["checkpoint"],
-        "checkpoint_info": info, "seed": fv.seed, **results,
-    }  # fmt: skip
-    print(
-        f"{run_dir} · {split} · checkpoint {info['checkpoint']} · {results['responses']} "
-        f"responses, {int(results['contexts'])} contexts scored × {fv.num_samples} samples"
-    )
-    print(format_dialog_table(results))
-    vocab = data.info["vocab"]
-    samples_path = os.path.join(out, f"samples_{split}.txt")
-    text = "".join(f"row {r['row']}\n{responses.format_result(r, vocab)}\n\n" for r in sampled)
-    files.write_atomic(samples_path, text)
-    path = runs.eval_results_path(out, split)
-    files.write_atomic(path, json.dumps(results, indent=1))
-    _log(f"Wrote {path} and {samples_path}")
     return results
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
     """Runs the command with the flags in ``argv`` (no program name), as from a notebook or a
     test; a bad flag exits with status 2 and a one-line message, as on the command line."""
-    return run(cli.parse(define_flags, "python -m vae_jax.evaluate", argv))
+    return run(cli.parse(define_flags, PROG, argv))
 
 
 if __name__ == "__main__":
-    define_flags(flags.FLAGS)
-    cli.define_command_flags(flags.FLAGS)
-    jax.config.config_with_absl()  # jax's own flags in --helpfull, as flax's lm1b
-    prog = "python -m vae_jax.evaluate"
-    app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))
+    cli.run_command(define_flags, run, PROG)

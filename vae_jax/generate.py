@@ -12,7 +12,7 @@
 - interpolate: greedy decoding from z_t = (1 − t) μ(x_a) + t μ(x_b), t = 0, 0.1, …, 1.
 - responses (a dialog CVAE's run): for ``--num`` contexts drawn from ``--split`` (default
   test), the last utterances, the true response and ``--num_samples`` responses, each decoded
-  greedily from its own z ~ p(z|c) (`vae_jax.responses`):
+  greedily from its own z ~ p(z|c) (`vae_jax.dialog.responses`):
 
     python -m vae_jax.generate --workdir=runs/swda_cyclical --mode responses --num 3
 
@@ -21,10 +21,10 @@ which has no words) or else are drawn at random (``--seed``) from ``--split``. T
 print words, the synthetic task prints ids.
 """
 
-from vae_jax import host
+from vae_jax.run import host
 
 if __name__ == "__main__":
-    host.tune_cpu_host("vae_jax.generate")  # before jax loads: see vae_jax.host
+    host.tune_cpu_host("vae_jax.generate")  # before jax loads: see vae_jax.run.host
 
 import functools  # noqa: E402
 import sys  # noqa: E402
@@ -34,11 +34,13 @@ from typing import Any  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from vae_jax import backend, cli, cvae, input_pipeline, metrics, models, responses, runs  # noqa: E402
-from vae_jax.datasets import text as text_data  # noqa: E402
-from vae_jax.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from vae_jax.core import metrics, models  # noqa: E402
+from vae_jax.core.tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from vae_jax.data import batching  # noqa: E402
+from vae_jax.data import text as text_data  # noqa: E402
+from vae_jax.run import backend, build, cli  # noqa: E402
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length"))
@@ -54,6 +56,9 @@ def _generate(
     return model.apply(
         {"params": params}, z, max_length, keys, temperature, method=models.VAE.generate
     )
+
+
+PROG = "python -m vae_jax.generate"
 
 
 def decode(
@@ -94,7 +99,7 @@ class Text:
     def row(self, sentence: str) -> np.ndarray:
         """``<s> w… </s>`` ids of a sentence given on the command line."""
         if self.vocab is not None:
-            return input_pipeline.with_boundaries(self.vocab.encode(sentence))
+            return batching.with_boundaries(self.vocab.encode(sentence))
         try:
             ids = [int(w) for w in sentence.split()]
         except ValueError:
@@ -102,7 +107,7 @@ class Text:
                 f"--sentence={sentence!r}: this task has no vocabulary; give token ids "
                 "separated by spaces."
             ) from None
-        return input_pipeline.with_boundaries(np.array(ids, np.int32))
+        return batching.with_boundaries(np.array(ids, np.int32))
 
     def show(self, ids: np.ndarray) -> str:
         """Words (or ids) up to the first ``</s>``, without ``<s>``/``<pad>``."""
@@ -117,11 +122,11 @@ class Text:
         return " ".join(out)
 
 
-def _rows(fv: flags.FlagValues, text: Text, data: input_pipeline.Data, n: int) -> list:
+def _rows(fv: flags.FlagValues, text: Text, data: batching.Data, n: int) -> list:
     """The ``--sentence`` rows, else ``n`` sentences of the split drawn with ``--seed``."""
     if fv.sentence:
         return [text.row(s) for s in fv.sentence]
-    rows = metrics.split_rows(data.eval_splits[runs.choose_split(data, fv.split)])
+    rows = metrics.split_rows(data.eval_splits[build.choose_split(data, fv.split)])
     # Evaluation batches run shortest first: a prefix would hold only the shortest sentences.
     pick = np.random.default_rng(fv.seed).choice(len(rows), min(n, len(rows)), replace=False)
     return [rows[i] for i in pick]
@@ -164,41 +169,29 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def run(fv: flags.FlagValues) -> list[str]:
     """Decodes as the parsed flags ``fv`` say; returns the printed lines."""
-    config, data, model, params, info = runs.load_run(
+    config, data, model, params, info = build.load_run(
         fv.workdir, fv.checkpoint, fv.data_dir, fv.member
     )
     with jax.default_matmul_precision(backend.matmul_precision(config)):
-        return _run(fv, data, model, params, info)
+        return _run(fv, config, data, model, params, info)
 
 
-def _run(fv, data, model, params, info) -> list[str]:
+def _run(fv, config, data, model, params, info) -> list[str]:
     print(
         f"# {info['run_dir']}, checkpoint {info['checkpoint']} (step {info.get('step')})",
         file=sys.stderr,
     )
     key = jax.random.PRNGKey(fv.seed)
-    is_dialog = isinstance(model, cvae.CVAE)
-    if is_dialog != (fv.mode == "responses"):
+    sample = build.task(config).sample  # a task's own samples (the dialog CVAE's responses)
+    if (sample is not None) != (fv.mode == "responses"):
         raise ValueError(
             f"--mode={fv.mode}: a dialog CVAE's run takes --mode=responses, and only it does."
         )
-    lines = []
-    if is_dialog:
-        split = fv.split or "test"
-        batcher = data.info["eval_batchers"][split]
-        candidates = responses.scored_rows(batcher)
-        pick = np.random.default_rng(fv.seed).choice(
-            len(candidates), min(fv.num, len(candidates)), replace=False
-        )
-        rows = np.sort(candidates[pick])
-        for r in responses.sample(model, params, batcher, rows, key, fv.num_samples, len(rows)):
-            lines += [
-                f"{split} row {r['row']}:",
-                responses.format_result(r, data.info["vocab"]),
-                "",
-            ]
+    if sample is not None:
+        lines = sample(fv, data, model, params, key)
         print("\n".join(lines))
         return lines
+    lines = []
     text = Text(data.info.get("vocab"))
     if fv.mode == "prior":
         z = np.asarray(jax.random.normal(key, (fv.num, model.latent_dim)))
@@ -233,12 +226,8 @@ def _run(fv, data, model, params, info) -> list[str]:
 def main(argv: Sequence[str]) -> list[str]:
     """Runs the command with the flags in ``argv`` (no program name), as from a notebook or a
     test; a bad flag exits with status 2 and a one-line message, as on the command line."""
-    return run(cli.parse(define_flags, "python -m vae_jax.generate", argv))
+    return run(cli.parse(define_flags, PROG, argv))
 
 
 if __name__ == "__main__":
-    define_flags(flags.FLAGS)
-    cli.define_command_flags(flags.FLAGS)
-    jax.config.config_with_absl()  # jax's own flags in --helpfull, as flax's lm1b
-    prog = "python -m vae_jax.generate"
-    app.run(cli.absl_main(run, prog), flags_parser=cli.flags_parser(prog))
+    cli.run_command(define_flags, run, PROG)

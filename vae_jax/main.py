@@ -4,21 +4,21 @@
     python -m vae_jax.main --config=configs/synthetic.py:monotonic --workdir=runs/m \
         --config.num_train_steps=2000
 
-Several processes (`vae_jax.distributed`): the same command on each, plus
+Several processes (`vae_jax.run.distributed`): the same command on each, plus
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``, or ``--distributed=auto``
 where JAX finds them itself (TPU pod slices, SLURM).
 """
 
-from vae_jax import host
+from vae_jax.run import host
 
 if __name__ == "__main__":
-    host.tune_cpu_host("vae_jax.main")  # before jax loads: see vae_jax.host
+    host.tune_cpu_host("vae_jax.main")  # before jax loads: see vae_jax.run.host
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vae_jax import cli, config_checks, distributed, train  # noqa: E402
+from vae_jax.run import cli, config_checks, distributed, loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
@@ -63,7 +63,7 @@ def run(fv: flags.FlagValues) -> None:
             "Fields that follow another (unless set themselves): %s",
             ", ".join(f"{k} <- {v}" for k, v in sorted(followers.items())),
         )
-    train.train_and_evaluate(
+    loop.train_and_evaluate(
         fv.config,
         fv.workdir,
         allow_config_change=fv.allow_config_change,

@@ -17,7 +17,7 @@ A sweep file defines ``get_sweep()``, a list of runs, each a dict of overrides: 
         ])
 
 Runs that differ only in ``seed``, with consecutive seeds, are packed into one population
-(`vae_jax.population`: one vmapped program), whose member k is the run with seed ``base + k``
+(`vae_jax.run.population`: one vmapped program), whose member k is the run with seed ``base + k``
 and the data order of the base seed (``data_seed``; set it in the sweep to choose another);
 ``--nopack`` runs each alone, with its own data order. Every run lives in
 ``WORKDIR/<run name>/`` (a population's members are links into its ``members/<k>/``), so a
@@ -32,7 +32,7 @@ checkout in a venv on every worker of a TPU VM pod slice and run each job there 
 system every host mounts.
 ``--evaluate=FLAGS`` then scores each trained run with ``python -m vae_jax.evaluate FLAGS``
 (output in ``WORKDIR/<run>.evaluate.log``, results in the run's ``eval_<split>.json``, which
-``experiments/ptb_table.py`` reads); a rerun with the same flags skips runs already scored.
+``experiments/table1_ptb.py`` reads); a rerun with the same flags skips runs already scored.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import Any
 
 from absl import app, flags
 
-from vae_jax import cli, files
+from vae_jax.run import cli, files
 
 Run = dict[str, Any]
 DONE = "sweep_done.json"  # in a job's directory: its training finished
@@ -161,7 +161,7 @@ class Job:
     def pod_command(self, workdir: str, pod: TpuPod) -> list[str]:
         """The command that runs this job on every worker of a TPU VM pod slice, from the
         checkout and venv `TpuPod.install_commands` make (the workdir on a file system all
-        workers mount; `vae_jax.distributed` finds the processes, and the run stops if a worker
+        workers mount; `vae_jax.run.distributed` finds the processes, and the run stops if a worker
         does not see the files process 0 wrote)."""
         run = [".venv/bin/python", *self.command(workdir)[1:]]  # after cd: ~ unquoted
         command = shlex.join([*run, "--distributed=auto"])
@@ -449,7 +449,7 @@ def _end_with_parent(parent: int) -> None:
 
 
 def _lock_holder(command: Sequence[str]) -> str | None:
-    """Who holds the workdir lock (`vae_jax.runs.WorkdirLock`) of a training ``command``,
+    """Who holds the workdir lock (`vae_jax.run.workdirs.WorkdirLock`) of a training ``command``,
     if another process does: the runner then waits for it and trains the job after it
     (resuming at its last checkpoint), so the job's completion is recorded either way."""
     if "vae_jax.main" not in command:

@@ -4,7 +4,7 @@ cosine-restarted every 10 epochs), 40 epochs, 3 seeds a cell.
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_ablation.py --workdir=runs/ablation \
         --nopack --parallel=2 \
         --evaluate='--split=test --num_importance_samples=50 --checkpoint=best'
-    python experiments/ptb_table.py runs/ablation --plot curves.png \
+    python experiments/table1_ptb.py runs/ablation --plot curves.png \
         --archive experiments/results/ablation/runs
 
 ``:new`` gives only the two cells the official code has no script for (cyclical β with a

@@ -2,14 +2,14 @@
 
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py --workdir=runs/table1
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py:vae --workdir=runs/table1
-    python experiments/ptb_table.py runs/table1            # mean ± std over the seeds
-    python experiments/ptb_table.py runs/table1 --archive experiments/results/ptb/runs
+    python experiments/table1_ptb.py runs/table1            # mean ± std over the seeds
+    python experiments/table1_ptb.py runs/table1 --archive experiments/results/ptb/runs
 
 ``:vae`` and ``:savae`` give one model's two rows. Each row's three seeds train as one
 population (the same batches: the data order of seed 0); ``--nopack`` trains them apart, each
 with its own order, seed 0 of every row first (the sweep's order). The full length is the
 paper's 40 epochs (``configs/ptb.py``). On a CPU a population costs about 1.2× its members
-trained apart (``experiments/results/benchmark/population_cpu.json``), so there
+trained apart (``benchmarks/results/population_cpu.json``), so there
 
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py:vae --workdir=runs/table1 \
         --nopack --parallel=2 \
@@ -21,7 +21,7 @@ Where a machine lasts less than a pair of runs side by side, ``--parallel=1 --on
 ``--only=ptb-cyclical.seed-1``) trains one run on all the cores, which finishes it sooner for
 a slightly lower total throughput, and the archive keeps it once it is done.
 ``--archive`` copies each finished run's record (no checkpoint) to commit beside the table;
-``ptb_table.py … --rows_from TABLE.json`` adds the runs of an earlier table whose directories
+``table1_ptb.py … --rows_from TABLE.json`` adds the runs of an earlier table whose directories
 are gone (in the mean ± std, not the curves).
 """
 

@@ -4,7 +4,7 @@
         --nopack --parallel=1
     python -m vae_jax.sweep --sweep=configs/sweeps/swda_table2.py --workdir=runs/table2 \
         --nopack --only=swda-cvae_cyclical_5.seed-0,swda-cvae_monotonic_5.seed-0
-    python experiments/dialog_table.py runs/table2 --archive experiments/results/dialog/runs \
+    python experiments/table2_dialog.py runs/table2 --archive experiments/results/dialog/runs \
         --out experiments/results/dialog
 
 Runs are named ``swda-<variant>_<cycles>.seed-<s>``. The plain-CVAE pair comes first

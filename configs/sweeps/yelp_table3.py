@@ -4,9 +4,9 @@
         --nopack --parallel=2
     python -m vae_jax.sweep --sweep=configs/sweeps/yelp_table3.py --workdir=runs/yelp \
         --nopack --only='yelp-*.seed-0'          # one seed of the three variants
-    python experiments/yelp_classify.py runs/yelp/yelp-*.seed-*/ --out runs/yelp_classified \
+    python experiments/table3_classify.py runs/yelp/yelp-*.seed-*/ --out runs/yelp_classified \
         --protocol=official                       # and the balanced protocol, cycle ends: README
-    python experiments/yelp_table.py runs/yelp/yelp-*.seed-*/ --classified runs/yelp_classified \
+    python experiments/table3_yelp.py runs/yelp/yelp-*.seed-*/ --classified runs/yelp_classified \
         --archive experiments/results/yelp/runs --out experiments/results/yelp
 
 Seeds 0–2 of each variant, seed by seed (cyclical, monotonic, then the autoencoder), 100

@@ -1,0 +1,1 @@
+"""Corpora and batching: the text and synthetic datasets, the length-bucketed batchers."""

@@ -1,1 +1,0 @@
-"""Datasets for vae_jax: plain-text corpora built as TFDS array_record datasets."""
