@@ -37,14 +37,11 @@ def traced_matmul_flops(jaxpr) -> int:
     return total
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "plain"])
-@pytest.mark.parametrize("length", [6, 11])
-def test_step_flops_match_the_matmuls_of_the_traced_step(kernels, length):
-    emb, hidden, latent, vocab, batch = 16, 32, 4, 64, 4
-    model = benchmark.make_model(benchmark.model_config(emb, hidden, latent, kernels), vocab)
-    params = forward.init(model, jax.random.PRNGKey(0), forward.example_batch(model, length))
-    data = {"tokens": jnp.asarray(benchmark.random_batch(vocab, batch, length))}
-    keys = jax.random.split(jax.random.PRNGKey(1), batch)
+def traced_step_flops(model, data: dict) -> tuple[int, int]:
+    """Matmul FLOPs of ``model``'s traced loss on ``data`` (β = 1, training), and of the loss
+    with its gradient: the forward pass, and the whole train step's."""
+    params = forward.init(model, jax.random.PRNGKey(0), data)
+    keys = jax.random.split(jax.random.PRNGKey(1), data["tokens"].shape[0])
 
     def loss(params):
         total, _, _ = forward.apply(
@@ -52,9 +49,20 @@ def test_step_flops_match_the_matmuls_of_the_traced_step(kernels, length):
         )
         return total
 
-    counted = benchmark.step_flops(emb, hidden, latent, vocab, batch, length)
     forward_flops = traced_matmul_flops(jax.make_jaxpr(loss)(params).jaxpr)
-    step = traced_matmul_flops(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr)
+    return forward_flops, traced_matmul_flops(
+        jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr
+    )
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "plain"])
+@pytest.mark.parametrize("length", [6, 11])
+def test_step_flops_match_the_matmuls_of_the_traced_step(kernels, length):
+    emb, hidden, latent, vocab, batch = 16, 32, 4, 64, 4
+    model = benchmark.make_model(benchmark.model_config(emb, hidden, latent, kernels), vocab)
+    data = {"tokens": jnp.asarray(benchmark.random_batch(vocab, batch, length))}
+    forward_flops, step = traced_step_flops(model, data)
+    counted = benchmark.step_flops(emb, hidden, latent, vocab, batch, length)
     assert forward_flops == counted / 3  # the forward pass: every matmul, counted exactly
     assert step == pytest.approx(counted, rel=0.02)  # backward ≈ 2 × forward
 
@@ -71,19 +79,8 @@ def test_cvae_step_flops_match_the_matmuls_of_the_traced_step(kernels):
         ctx_hidden_dim=8, dec_hidden_dim=8, latent_dim=4, bow_hidden_dim=8, kernels=kernels,
     )  # fmt: skip
     dialog = benchmark.random_dialog_batch(vocab, topics, batch, length, context, utt)
-    data = {k: jnp.asarray(v) for k, v in dialog.items()}
-    params = forward.init(model, jax.random.PRNGKey(0), data)
-    keys = jax.random.split(jax.random.PRNGKey(1), batch)
-
-    def loss(params):
-        total, _, _ = forward.apply(
-            model, params, data, keys, beta=1.0, objective=objectives.beta_elbo, train=True
-        )
-        return total
-
+    forward_flops, step = traced_step_flops(model, {k: jnp.asarray(v) for k, v in dialog.items()})
     counted = benchmark.cvae_step_flops(model, vocab, batch, length, context, utt)
-    forward_flops = traced_matmul_flops(jax.make_jaxpr(loss)(params).jaxpr)
-    step = traced_matmul_flops(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr)
     assert forward_flops == counted / 3
     assert step == pytest.approx(counted, rel=0.05)  # the GRU kernels recompute a little
 
