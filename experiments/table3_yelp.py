@@ -24,7 +24,7 @@ training row. Unfinished runs are left out, each named on stderr.
   epoch of each cycle end scored (``table3_classify.py --cycle_ends``), a line per variant with a
   ± std band over seeds and draws;
 - ``pretraining.png``: valid Rec and KL per epoch (mean, ± std band over seeds) and β and the
-  learning rate of each variant's schedules (`vae_jax.run.loop.make_schedules`), against epochs.
+  learning rate of each variant's schedules (`vae_jax.run.steps.make_schedules`), against epochs.
 """
 
 from __future__ import annotations
