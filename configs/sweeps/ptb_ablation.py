@@ -5,7 +5,9 @@ cosine-restarted every 10 epochs), 40 epochs, 3 seeds a cell.
         --nopack --parallel=2 \
         --evaluate='--split=test --num_importance_samples=50 --checkpoint=best'
     python experiments/table1_ptb.py runs/ablation --plot curves.png \
-        --archive experiments/results/ablation/runs
+        --archive experiments/results/beta_or_lr/runs
+    python experiments/beta_or_lr.py experiments/results/beta_or_lr/runs \
+        --out experiments/results/beta_or_lr          # the cells, contrasts and Welch tests
 
 ``:new`` gives only the two cells the official code has no script for (cyclical β with a
 constant lr, monotonic β with restarts); the other two are Table 1's rows
