@@ -12,7 +12,7 @@ short run sees only their start), each in ``WORKDIR/<variant>`` (re-running the 
 what is unfinished), then is evaluated on the test split by `vae_jax.evaluate` at its best
 checkpoint (an SA-VAE at its refined posterior): Rec, KL, −ELBO, PPL bound, IW-NLL (K from
 ``--num_importance_samples``), MI (both estimators), AU, KL(p ‖ q_agg) and CU@0.03. Writes
-``OUT/ptb_<variant>.json`` per row and ``OUT/table1_ptb.md``.
+``OUT/ptb_<variant>.json`` per row and ``OUT/ptb_table.md``.
 
 ``--synthetic``: each remedy on the synthetic 10-sequence task (``configs/synthetic.py``, 2-D
 latent space) for ``--steps`` iterations, its posterior samples plotted in the layout of
@@ -95,7 +95,7 @@ def run_ptb_row(variant: str, args) -> dict:
     return results
 
 
-def table1_ptb(rows: list[dict]) -> str:
+def ptb_table(rows: list[dict]) -> str:
     head = (
         "| remedy | Rec | KL | −ELBO | PPL bound | IW-NLL | MI (batch) | MI (split) | AU | "
         "KL(p ‖ q_agg) | CU@0.03 |"
@@ -189,13 +189,13 @@ def main() -> None:
             with open(os.path.join(args.out, f"ptb_{variant}.json"), encoding="utf-8") as f:
                 results.append(json.load(f))
     length = f"{args.num_steps} steps" if args.num_steps else f"{args.num_epochs} epoch(s)"
-    table = table1_ptb(results)
+    table = ptb_table(results)
     note = (
         f"PTB test split, each row trained for {length} "
         f"({results[0]['steps_per_epoch']} steps per epoch), evaluated at its best checkpoint; "
         f"IW-NLL with K = {args.num_importance_samples}; per sentence, in nats.\n\n"
     )
-    with open(os.path.join(args.out, "table1_ptb.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(args.out, "ptb_table.md"), "w", encoding="utf-8") as f:
         f.write(note + table + "\n")
     print(note + table)
 
