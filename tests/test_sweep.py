@@ -331,3 +331,30 @@ def test_object_store_workdirs_are_refused_before_anything_runs(tmp_path, monkey
     with pytest.raises(ValueError, match=message):
         build.load_run("gs://b/run")
     assert not os.path.exists(tmp_path / "gs:")  # nothing was written
+
+
+def test_status_says_where_each_run_is(tmp_path, capsys):
+    from vae_jax.run import workdirs
+
+    workdir = tmp_path / "sweep"
+    run_dir = workdir / "ptb-cyclical.seed-0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"num_epochs": 10, "num_train_steps": -1}))
+    records = [{"step": 100, "epoch": 1.0, "valid_rec": 1.0}, {"step": 150, "rec": 1.0,
+               "steps_per_second": 2.0}]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = [f"--sweep={_tiny_sweep_file(tmp_path)}", f"--workdir={workdir}", "--nopack", "--status"]
+
+    def status() -> list[str]:
+        capsys.readouterr()
+        assert sweep.main(argv) == {}
+        return [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
+
+    # 850 steps left of 10 epochs × 100 steps, at 2 steps/s: 425 s.
+    left = "step 150 of 1,000 (epoch 1.5 of 10), 0.1 h left at 2.00 steps/s"
+    assert status() == [f"ptb-cyclical.seed-0: stopped, {left}", "ptb-cyclical.seed-1: not started"]
+    with workdirs.WorkdirLock(str(run_dir)):
+        assert status()[0].startswith(f"ptb-cyclical.seed-0: training (pid {os.getpid()} on host")
+    (run_dir / sweep.DONE).write_text("{}")
+    assert status()[0] == "ptb-cyclical.seed-0: done, step 150 of 1,000 (epoch 1.5 of 10)"
+    assert not (workdir / "ptb-cyclical.seed-1").exists()  # --status writes nothing

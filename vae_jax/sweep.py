@@ -1,7 +1,7 @@
 """Sweeps: the runs of a sweep file, packed into populations where they can be.
 
     python -m vae_jax.sweep --sweep=configs/sweeps/ptb_table1.py[:arg] --workdir=runs/table1
-        [--dry_run] [--parallel=N] [--nopack] [--only=GLOB,…] [--allow_config_change]
+        [--dry_run] [--status] [--parallel=N] [--nopack] [--only=GLOB,…] [--allow_config_change]
         [--evaluate='--split=test --num_importance_samples=50 --checkpoint=best']
 
 A sweep file defines ``get_sweep()``, a list of runs, each a dict of overrides: ``"config"``
@@ -30,6 +30,8 @@ takes just the jobs of the runs so named; ``--dry_run`` prints the plan and each
 checkout in a venv on every worker of a TPU VM pod slice and run each job there with
 ``VAE_JAX_DATA_DIR`` set, ``--tpu_data_dir``). A ``gs://`` workdir is refused: use a file
 system every host mounts.
+``--status`` prints, for each run, whether it is done, training (and who holds its workdir),
+stopped or not started, the step and epoch it reached and the time left at its last speed.
 ``--evaluate=FLAGS`` then scores each trained run with ``python -m vae_jax.evaluate FLAGS``
 (output in ``WORKDIR/<run>.evaluate.log``, results in the run's ``eval_<split>.json``, which
 ``experiments/table1_ptb.py`` reads); a rerun with the same flags skips runs already scored.
@@ -57,7 +59,7 @@ from typing import Any
 
 from absl import app, flags
 
-from vae_jax.run import cli, files
+from vae_jax.run import cli, files, writers
 
 Run = dict[str, Any]
 DONE = "sweep_done.json"  # in a job's directory: its training finished
@@ -517,6 +519,38 @@ def _without_trained_members(job: Job, workdir: str) -> tuple[list[Job], list[Jo
     return singles, list(owners.values())
 
 
+def run_status(workdir: str, job: Job, name: str) -> str:
+    """One line on run ``name`` of ``job``: done, training (the workdir lock's holder), stopped
+    or not started; the step and epoch it reached of its length, and, while unfinished, the
+    time left at its last logged speed."""
+    job_dir, run_dir = os.path.join(workdir, job.name), os.path.join(workdir, name)
+    config = _read_json(os.path.join(run_dir, "config.json"))
+    records = writers.read_metrics(run_dir) if config is not None else []
+    if not records:
+        return f"{name}: not started"
+    step = max(r["step"] for r in records)
+    speeds = [r["steps_per_second"] for r in records if "steps_per_second" in r]
+    epochs = [r for r in records if r.get("epoch")]
+    per_epoch = round(epochs[-1]["step"] / epochs[-1]["epoch"]) if epochs else None
+    total = config.get("num_train_steps", -1)
+    if config.get("num_epochs", -1) > 0 and per_epoch:
+        total = config["num_epochs"] * per_epoch
+    where = f"step {step:,}" + (f" of {total:,}" if total > 0 else "")
+    if per_epoch:
+        where += f" (epoch {step / per_epoch:.1f}" + (
+            f" of {config['num_epochs']})" if config.get("num_epochs", -1) > 0 else ")"
+        )
+    if os.path.exists(os.path.join(job_dir, DONE)):
+        return f"{name}: done, {where}"
+    stopped_early = any("early_stopped" in r for r in records)
+    holder = _lock_holder(["vae_jax.main", f"--workdir={job_dir}"])
+    state = "stopped early" if stopped_early else f"training ({holder})" if holder else "stopped"
+    left = ""
+    if total > step and speeds and not stopped_early:
+        left = f", {(total - step) / speeds[-1] / 3600:.1f} h left at {speeds[-1]:.2f} steps/s"
+    return f"{name}: {state}, {where}{left}"
+
+
 def _read_json(path: str) -> Any:
     if not os.path.exists(path):
         return None
@@ -532,6 +566,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("sweep", None, "A sweep file defining get_sweep().", flag_values=fv)
     flags.DEFINE_string("workdir", None, "The sweep's directory: one per run.", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "Print the plan and commands only.", flag_values=fv)
+    flags.DEFINE_bool(
+        "status", False, "Print each run's progress (done, training, stopped; step, epoch, "
+        "time left at its last speed) and exit.", flag_values=fv,
+    )  # fmt: skip
     flags.DEFINE_integer("parallel", 1, "Jobs at once.", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("pack", True, "Pack runs differing in seed into populations.", flag_values=fv)
     flags.DEFINE_list(
@@ -586,6 +624,10 @@ def run(fv: flags.FlagValues) -> dict[str, int]:
     jobs = plan(runs, pack=fv.pack, only=fv.only)
     chosen = f" (--only={','.join(fv.only)})" if fv.only else ""
     print(f"{fv.sweep}: {len(runs)} runs, {len(jobs)} jobs{chosen} under {fv.workdir}", flush=True)
+    if fv.status:
+        lines = [run_status(fv.workdir, job, name) for job in jobs for name in job.members]
+        print("\n".join(f"  {line}" for line in lines), flush=True)
+        return {}
     evaluate = shlex.split(fv.evaluate)
     if pod is not None:
         source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
