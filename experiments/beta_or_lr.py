@@ -132,10 +132,8 @@ def analyse(cells: dict[tuple[str, str], list[dict]], figures: tuple[str, ...]) 
             out["contrasts"][name] = {
                 f: welch([r[f] for r in cells[x]], [r[f] for r in cells[y]]) for f in figures
             }
-    official, kept = (
-        out["contrasts"].get("official pairing"),
-        out["contrasts"].get("β at a constant lr"),
-    )
+    official = out["contrasts"].get("official pairing")
+    kept = out["contrasts"].get("β at a constant lr")
     if official and kept:
         out["remains"] = {
             f: kept[f]["diff"] / official[f]["diff"] if official[f]["diff"] else None

@@ -72,7 +72,7 @@ TASKS: dict[str, Task] = {
         evaluate=evaluation.evaluate_run,
         sample=responses.sample_run,
         loadable=False,
-    ),  # fmt: skip
+    ),
 }
 
 
