@@ -104,6 +104,7 @@ VARIANTS = {
 }
 # The dialog CVAE at the paper's sizes: (vocab, topics, batch, response length, context, L).
 CVAE_CONFIGS = {"cvae_swda": (10_002, 70, 30, 24, 9, 40)}
+CVAE_CONFIGS["cvae_swda_bf16"] = CVAE_CONFIGS["cvae_swda"]  # bfloat16 matmul operands
 # Populations (`vae_jax.run.population`) of K members at the PTB size, one vmapped step.
 POPULATIONS = {f"ptb_23_pop{k}": k for k in (1, 2, 4, 8)}
 
@@ -364,7 +365,8 @@ def _cvae(name: str):
         from vae_jax import cvae
 
     vocab, topics = CVAE_CONFIGS[name][:2]
-    return cvae.CVAE(vocab_size=vocab, num_topics=topics)
+    dtype = {"dtype": "bfloat16"} if name.endswith("_bf16") else {}  # older CVAEs: no field
+    return cvae.CVAE(vocab_size=vocab, num_topics=topics, **dtype)
 
 
 def cvae_step_call(name: str) -> Callable[[], dict]:

@@ -160,6 +160,38 @@ def test_objective_adds_the_bow_loss_and_filler_rows_count_nothing(model_and_par
     np.testing.assert_allclose(sums3["kl"], sums["kl"], rtol=1e-5)
 
 
+def test_bfloat16_matmuls_stay_close_to_float32(model_and_params):
+    """``dtype="bfloat16"``: the same parameters, a float32 loss near float32's, gradients
+    along float32's, and bfloat16 really used (the values differ); greedy samples run."""
+    model32, params = model_and_params
+    model16 = cvae.CVAE(vocab_size=V, num_topics=TOPICS, dtype="bfloat16", **SIZES)
+    batch = make_batch(5)
+    keys = jax.random.split(jax.random.PRNGKey(2), 4)
+
+    def loss_and_grads(model):
+        def loss(p):
+            return forward.apply(model, p, batch, keys, beta=0.5, train=True)[0]
+
+        return jax.value_and_grad(loss)(params)
+
+    loss32, grads32 = loss_and_grads(model32)
+    loss16, grads16 = loss_and_grads(model16)
+    assert loss16.dtype == jnp.float32
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+    flat32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads32)])
+    flat16 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads16)])
+    assert float(flat16 @ flat32 / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32))) > 0.99
+    assert not np.array_equal(flat16, flat32)
+    tokens = model16.apply(
+        {"params": params},
+        batch,
+        jax.random.split(jax.random.PRNGKey(3), 4),
+        5,
+        method=cvae.CVAE.generate,
+    )
+    assert tokens.shape == (4, 5) and tokens.dtype == jnp.int32
+
+
 def test_bow_nll_is_the_sum_over_targets_of_one_softmax(model_and_params):
     model, params = model_and_params
     batch = make_batch(5, filler=0)

@@ -95,6 +95,10 @@ def test_config_checks_name_dialog_fields(tmp_path):
     with pytest.raises(ValueError, match="data.window"):
         config_checks.check_config(config, 1)
     config = tiny_config(tmp_path)
+    config.model.dtype = "float16"
+    with pytest.raises(ValueError, match="model.dtype.*bfloat16"):
+        config_checks.check_config(config, 1)
+    config = tiny_config(tmp_path)
     config.data.data_dir = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         config_checks.check_config(config, 1)

@@ -13,7 +13,9 @@ tested), then CVAE+BoW; seed 0 of every row before seed 1.
 Each run validates every 1,716 steps, stops early by the official rule and keeps its best
 valid −ELBO in ``best/``, the checkpoint the table tests (`configs/swda.py`).
 ``:<cycles>`` caps every run at that many cycles of 5,148 steps (default 5, 15 validations;
-``:20`` is the official cap of 60 validations).
+``:20`` is the official cap of 60 validations). ``:<cycles>:bfloat16`` runs every matmul with
+bfloat16 operands (``model.dtype``; about 1.2× faster on a CPU with AVX-512 BF16,
+`benchmarks/results/cvae_bf16_cpu.json`), the run names unchanged.
 """
 
 from vae_jax.sweep import product, sweep
@@ -21,10 +23,12 @@ from vae_jax.sweep import product, sweep
 VARIANTS = ("cvae_cyclical", "cvae_monotonic", "cvae_bow_cyclical", "cvae_bow_monotonic")
 
 
-def get_sweep(cycles: str = "5"):
-    return product(
-        [
-            sweep("seed", [0, 1]),
-            sweep("config", [f"configs/swda.py:{v}:{int(cycles)}" for v in VARIANTS]),
-        ]
-    )
+def get_sweep(spec: str = "5"):
+    cycles, dtype = (spec.split(":") + ["float32"])[:2]  # "<cycles>[:<dtype>]"
+    fields = [
+        sweep("seed", [0, 1]),
+        sweep("config", [f"configs/swda.py:{v}:{int(cycles)}" for v in VARIANTS]),
+    ]
+    if dtype != "float32":  # float32 runs keep the commands they always had
+        fields.append(sweep("model.dtype", [dtype]))
+    return product(fields)

@@ -24,6 +24,9 @@ its gate biases start like every other parameter, U(−init_scale, init_scale), 
 them at 1. A utterance's bi-GRU stops at its last true token in both directions, as the
 official code's ``sequence_length`` makes it do.
 
+``dtype="bfloat16"`` rounds every matmul's operands to bfloat16 (`kernels.dot`: float32
+accumulation; parameters, activations and the loss stay float32), for speed.
+
 Batch layout (`vae_jax.data.batching`): ``tokens`` (B, T) the response ``<s> w … </s>``;
 ``context`` (B, C, L) the utterances before it (oldest first), ``context_lengths`` (B,),
 ``floors`` (B, C) (1: the response's speaker), ``topics`` (B,), ``my_profile`` and
@@ -58,6 +61,7 @@ class GRU(nn.Module):
     features: int
     init_scale: float
     kernels: str = "auto"  # `kernels.implementation`: the CPU-tuned custom VJPs or plain JAX
+    dtype: str = "float32"  # the matmuls' operands (`kernels.dot`); parameters stay float32
 
     @nn.compact
     def __call__(
@@ -71,7 +75,7 @@ class GRU(nn.Module):
         b_h = self.param("b_h", init, (3 * h,))
         if h0 is None:
             h0 = jnp.zeros((x.shape[0], h), x.dtype)
-        k = kernels.implementation(self.kernels)
+        k = kernels.implementation(self.kernels, self.dtype)
         return k.gru_scan(k.affine(x, w_x, b_x), w_h, b_h, h0, lengths)
 
 
@@ -92,17 +96,19 @@ class CVAE(nn.Module):
     # bag-of-words head at all (the official ``use_bow = False``).
     use_bow: bool = True
     kernels: str = "auto"  # the layers' implementation (`vae_jax.core.kernels.implementation`)
+    # The matmuls' operands: "bfloat16" rounds them (float32 accumulation, parameters, loss).
+    dtype: str = "float32"
 
     def setup(self):
         init = uniform_init(self.init_scale)
-        fused = kernels.implementation(self.kernels).fused_dense
+        fused = kernels.implementation(self.kernels, self.dtype).fused_dense
 
         def dense(features: int, name: str) -> FusedBiasDense:
             # nn.Dense's parameters (kernel, bias), the bias gradient in the kernel's product.
-            return FusedBiasDense(features, init, init, fused=fused, name=name)
+            return FusedBiasDense(features, init, init, fused=fused, dtype=self.dtype, name=name)
 
         def gru(features: int) -> GRU:
-            return GRU(features, self.init_scale, self.kernels)
+            return GRU(features, self.init_scale, self.kernels, self.dtype)
 
         self.embed = nn.Embed(self.vocab_size, self.emb_dim, embedding_init=init)
         self.topic_embed = nn.Embed(self.num_topics, self.topic_emb_dim, embedding_init=init)
@@ -204,8 +210,10 @@ class CVAE(nn.Module):
             h, prev, done = carry
             x = jnp.where((prev != PAD_ID)[:, None], table[prev], 0.0)
             one = jnp.ones((batch_size,), jnp.int32)
-            _, h = kernels.plain_gru_scan((x @ w_x + b_x)[:, None], w_h, b_h, h, one)
-            logits = (h @ out_kernel + out_bias).at[:, jnp.array([PAD_ID, BOS_ID])].set(-jnp.inf)
+            gates_x = kernels.dot(x, w_x, self.dtype) + b_x
+            _, h = kernels.plain_gru_scan(gates_x[:, None], w_h, b_h, h, one, self.dtype)
+            logits = kernels.dot(h, out_kernel, self.dtype) + out_bias
+            logits = logits.at[:, jnp.array([PAD_ID, BOS_ID])].set(-jnp.inf)
             token = jnp.where(done, PAD_ID, jnp.argmax(logits, -1)).astype(jnp.int32)
             return (h, token, done | (token == EOS_ID)), token
 

@@ -75,6 +75,11 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
         _fail("loss_spike.action", spike.action, "must be 'skip' or 'stop'")
 
     backend.matmul_precision(config)
+    # Every model's layers (`vae_jax.core.kernels`).
+    if config.model.get("kernels", "auto") not in kernels.KERNELS:
+        _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
+    if config.model.get("dtype", "float32") not in kernels.DTYPES:
+        _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
     if config.model.get("kind", "vae") == "cvae":
         _check_cvae_model(config)
     else:
@@ -150,8 +155,6 @@ def _check_vae_model(config: ml_collections.ConfigDict) -> None:
         _fail("model.bn_gamma", gamma, "must be a finite number >= 0 (0: no BN-VAE)")
     if not 0.0 <= momentum < 1.0:
         _fail("model.bn_momentum", momentum, "must be in [0, 1)")
-    if config.model.get("kernels", "auto") not in kernels.KERNELS:
-        _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
     # Fields a config leaves out take the model's defaults.
     model = {**_MODEL_DEFAULTS, **config.model.to_dict()}
     encoder = model["encoder"]
@@ -180,8 +183,6 @@ def _check_vae_model(config: ml_collections.ConfigDict) -> None:
         _fail("model.embedding", model["embedding"], "must be 'separate' or 'shared_normalized'")
     if model["embedding"] == "shared_normalized" and model["enc_emb_dim"] != model["dec_emb_dim"]:
         _fail("model.enc_emb_dim", model["enc_emb_dim"], "must equal model.dec_emb_dim (shared)")
-    if config.model.get("dtype", "float32") not in kernels.DTYPES:
-        _fail("model.dtype", config.model.dtype, f"must be one of {kernels.DTYPES}")
 
 
 def _check_early_stopping(config: ml_collections.ConfigDict) -> None:
@@ -226,8 +227,6 @@ def _check_cvae_model(config: ml_collections.ConfigDict) -> None:
         _fail("objective", "dg_vae", "the density gap is to N(0, I); a CVAE's prior is p(z|c)")
     if not isinstance(config.model.get("use_bow", True), bool):
         _fail("model.use_bow", config.model.use_bow, "must be True (CVAE+BoW) or False (CVAE)")
-    if config.model.get("kernels", "auto") not in kernels.KERNELS:
-        _fail("model.kernels", config.model.kernels, f"must be one of {kernels.KERNELS}")
 
 
 def _check_splits(d: ml_collections.ConfigDict, splits) -> None:
