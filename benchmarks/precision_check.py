@@ -1,0 +1,131 @@
+"""Does a run in another precision end where its float32 twin does? Valid figures side by side.
+
+    python benchmarks/precision_check.py REFERENCE CANDIDATE [--noise RUN ...] [--out check.json]
+
+REFERENCE and CANDIDATE are workdirs of one config that differ in ``model.dtype`` alone (for
+example float32 and ``--config.model.dtype=bfloat16``, same seed); anything else that differs
+in their ``config.json`` ends the script with the fields named, before anything is compared.
+At every validation step both have reached it prints each ``valid_*`` figure of the two and
+their difference. ``--noise`` adds runs of REFERENCE's config with other seeds (only
+``seed`` may differ): their largest distance from REFERENCE at the step is the seed spread
+the difference is to be read against; the check passes at a step when every figure's
+precision difference is below it. The candidate may be cut short: the figures compared are
+those of the steps all runs have (the records a resumed run wrote again count once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+
+from vae_jax.run import workdirs
+
+
+def flat(config: dict, prefix: str = "") -> dict[str, object]:
+    """``{"model.dtype": "float32", …}`` of a nested config dictionary."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_of(workdir: str) -> dict[str, object]:
+    return flat(workdirs.load_config(workdir).to_dict())
+
+
+def differing(a: dict, b: dict, allowed: Sequence[str]) -> list[str]:
+    """The fields that differ between two flat configs, other than ``allowed``."""
+    keys = (set(a) | set(b)) - set(allowed)
+    return sorted(k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def validations(workdir: str) -> dict[int, dict[str, float]]:
+    """{step: {figure: value}} of the run's ``valid_*`` records (the last one of a step)."""
+    path = os.path.join(workdir, workdirs.METRICS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: absent; is {workdir} a vae_jax workdir?")
+    out: dict[int, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            figures = {k: v for k, v in record.items() if k.startswith("valid_")}
+            if figures:
+                out[int(record["step"])] = figures
+    return out
+
+
+def compare(reference: str, candidate: str, noise: Sequence[str] = ()) -> dict:
+    """The check's record: per common step, each figure's two values, their difference, the
+    seed spread (with ``noise``) and whether the difference is within it."""
+    ref_config, cand_config = config_of(reference), config_of(candidate)
+    for other, allowed in [(candidate, ("model.dtype",))] + [(n, ("seed",)) for n in noise]:
+        bad = differing(ref_config, config_of(other), allowed)
+        if bad:
+            raise ValueError(
+                f"{other}: its config differs from {reference}'s in {bad}, beyond {list(allowed)}"
+            )
+    ref, cand = validations(reference), validations(candidate)
+    others = [validations(n) for n in noise]
+    steps = set(ref) & set(cand)
+    for other in others:
+        steps &= set(other)
+    rows = []
+    for step in sorted(steps):
+        for figure in sorted(set(ref[step]) & set(cand[step])):
+            row = {
+                "step": step,
+                "figure": figure,
+                "reference": ref[step][figure],
+                "candidate": cand[step][figure],
+                "difference": cand[step][figure] - ref[step][figure],
+            }
+            if others:
+                row["seed_spread"] = max(abs(o[step][figure] - ref[step][figure]) for o in others)
+                row["within_seed_spread"] = abs(row["difference"]) < row["seed_spread"]
+            rows.append(row)
+    return {
+        "reference": os.path.abspath(reference),
+        "candidate": os.path.abspath(candidate),
+        "dtypes": [config.get("model.dtype", "float32") for config in (ref_config, cand_config)],
+        "noise": [os.path.abspath(n) for n in noise],
+        "rows": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reference")
+    parser.add_argument("candidate")
+    parser.add_argument("--noise", nargs="*", default=[], help="Other seeds of REFERENCE.")
+    parser.add_argument("--out", help="Also write the comparison as JSON here.")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(args.reference, args.candidate, args.noise)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"precision_check.py: {e}\n")
+    if not result["rows"]:
+        parser.exit(2, "precision_check.py: the runs have no validation step in common yet.\n")
+    a, b = result["dtypes"]
+    spread = "  seed spread" if args.noise else ""
+    print(f"{'step':>7}  {'figure':<18}{a:>12}{b:>12}  difference{spread}")
+    for r in result["rows"]:
+        line = f"{r['step']:>7}  {r['figure']:<18}{r['reference']:>12.4f}{r['candidate']:>12.4f}"
+        line += f"  {r['difference']:>+10.4f}"
+        if "seed_spread" in r:
+            line += (
+                f"  {r['seed_spread']:>11.4f} {'within' if r['within_seed_spread'] else 'BEYOND'}"
+            )
+        print(line)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
