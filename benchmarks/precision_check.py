@@ -6,11 +6,12 @@ REFERENCE and CANDIDATE are workdirs of one config that differ in ``model.dtype`
 example float32 and ``--config.model.dtype=bfloat16``, same seed); anything else that differs
 in their ``config.json`` ends the script with the fields named, before anything is compared.
 At every validation step both have reached it prints each ``valid_*`` figure of the two and
-their difference. ``--noise`` adds runs of REFERENCE's config with other seeds (only
-``seed`` may differ): their largest distance from REFERENCE at the step is the seed spread
-the difference is to be read against; the check passes at a step when every figure's
-precision difference is below it. The candidate may be cut short: the figures compared are
-those of the steps all runs have (the records a resumed run wrote again count once).
+their difference. ``--noise`` adds runs of the config with other seeds, in either precision
+(``seed`` and ``model.dtype`` may differ): the largest distance of one from the run of its
+precision (REFERENCE or CANDIDATE) at the step is the seed spread the difference is read
+against; a figure is "within" when its precision difference is below that spread. The
+candidate may be cut short: the figures compared are those of the steps all runs have (the
+records a resumed run wrote again count once).
 """
 
 from __future__ import annotations
@@ -63,16 +64,23 @@ def compare(reference: str, candidate: str, noise: Sequence[str] = ()) -> dict:
     """The check's record: per common step, each figure's two values, their difference, the
     seed spread (with ``noise``) and whether the difference is within it."""
     ref_config, cand_config = config_of(reference), config_of(candidate)
-    for other, allowed in [(candidate, ("model.dtype",))] + [(n, ("seed",)) for n in noise]:
-        bad = differing(ref_config, config_of(other), allowed)
+    allowed = {candidate: ("model.dtype",), **{n: ("seed", "model.dtype") for n in noise}}
+    for other, fields in allowed.items():
+        bad = differing(ref_config, config_of(other), fields)
         if bad:
             raise ValueError(
-                f"{other}: its config differs from {reference}'s in {bad}, beyond {list(allowed)}"
+                f"{other}: its config differs from {reference}'s in {bad}, beyond {list(fields)}"
             )
     ref, cand = validations(reference), validations(candidate)
-    others = [validations(n) for n in noise]
+    # Each other seed against the run of its own precision.
+    twin = {cand_config.get("model.dtype", "float32"): cand}
+    twin[ref_config.get("model.dtype", "float32")] = ref
+    others = [(validations(n), twin.get(config_of(n).get("model.dtype", "float32"))) for n in noise]
+    for n, (_, base) in zip(noise, others, strict=True):
+        if base is None:
+            raise ValueError(f"{n}: in neither precision of the two runs compared")
     steps = set(ref) & set(cand)
-    for other in others:
+    for other, _ in others:
         steps &= set(other)
     rows = []
     for step in sorted(steps):
@@ -85,7 +93,7 @@ def compare(reference: str, candidate: str, noise: Sequence[str] = ()) -> dict:
                 "difference": cand[step][figure] - ref[step][figure],
             }
             if others:
-                row["seed_spread"] = max(abs(o[step][figure] - ref[step][figure]) for o in others)
+                row["seed_spread"] = max(abs(o[step][figure] - b[step][figure]) for o, b in others)
                 row["within_seed_spread"] = abs(row["difference"]) < row["seed_spread"]
             rows.append(row)
     return {

@@ -27,13 +27,17 @@ def test_differences_are_read_against_the_seed_spread(tmp_path):
     ref = make_run(tmp_path / "f32", {10: 1.0, 20: 2.0, 30: 3.0})
     bf16 = make_run(tmp_path / "bf16", {10: 1.05, 20: 2.5}, **{"model.dtype": "bfloat16"})
     seed1 = make_run(tmp_path / "seed1", {10: 1.2, 20: 2.1, 30: 2.0}, seed=1)
-    result = precision_check.main([ref, bf16, "--noise", seed1, "--out", str(tmp_path / "c.json")])
+    # Another seed in bfloat16 is measured against the bfloat16 run.
+    seed2 = make_run(tmp_path / "seed2", {10: 1.0, 20: 2.4}, seed=2, **{"model.dtype": "bfloat16"})
+    out = str(tmp_path / "c.json")
+    result = precision_check.main([ref, bf16, "--noise", seed1, seed2, "--out", out])
     assert result["dtypes"] == ["float32", "bfloat16"]
     rows = {(r["step"], r["figure"]): r for r in result["rows"]}
     assert set(rows) == {(s, f) for s in (10, 20) for f in ("valid_kl", "valid_rec")}  # common
     assert rows[10, "valid_kl"]["difference"] == pytest.approx(0.05)
-    assert rows[10, "valid_kl"]["seed_spread"] == pytest.approx(0.2)
+    assert rows[10, "valid_kl"]["seed_spread"] == pytest.approx(0.2)  # seed 1 against float32
     assert rows[10, "valid_kl"]["within_seed_spread"]
+    assert rows[20, "valid_kl"]["seed_spread"] == pytest.approx(0.1)  # both seeds 0.1 away
     assert not rows[20, "valid_kl"]["within_seed_spread"]  # 0.5 against a spread of 0.1
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == result["rows"]
 
@@ -45,3 +49,7 @@ def test_a_config_that_differs_beyond_the_dtype_is_refused(tmp_path, capsys):
         precision_check.main([ref, other])
     assert stop.value.code == 2
     assert "['seed']" in capsys.readouterr().err
+    longer = make_run(tmp_path / "c", {10: 1.0}, seed=1, num_train_steps=99)
+    with pytest.raises(SystemExit):
+        precision_check.main([ref, ref, "--noise", longer])
+    assert "'num_train_steps']" in capsys.readouterr().err
