@@ -1,10 +1,13 @@
 """Does a run in another precision end where its float32 twin does? Valid figures side by side.
 
     python benchmarks/precision_check.py REFERENCE CANDIDATE [--noise RUN ...] [--out check.json]
+        [--ignore FIELD ...]
 
 REFERENCE and CANDIDATE are workdirs of one config that differ in ``model.dtype`` alone (for
 example float32 and ``--config.model.dtype=bfloat16``, same seed); anything else that differs
-in their ``config.json`` ends the script with the fields named, before anything is compared.
+in their ``config.json`` ends the script with the fields named, before anything is compared
+(``--ignore`` names fields to pass over, such as one a later version added that changes
+nothing on this backend; the result lists them).
 At every validation step both have reached it prints each ``valid_*`` figure of the two and
 their difference. ``--noise`` adds runs of the config with other seeds, in either precision
 (``seed`` and ``model.dtype`` may differ): the largest distance of one from the run of its
@@ -60,13 +63,15 @@ def validations(workdir: str) -> dict[int, dict[str, float]]:
     return out
 
 
-def compare(reference: str, candidate: str, noise: Sequence[str] = ()) -> dict:
+def compare(
+    reference: str, candidate: str, noise: Sequence[str] = (), ignore: Sequence[str] = ()
+) -> dict:
     """The check's record: per common step, each figure's two values, their difference, the
     seed spread (with ``noise``) and whether the difference is within it."""
     ref_config, cand_config = config_of(reference), config_of(candidate)
     allowed = {candidate: ("model.dtype",), **{n: ("seed", "model.dtype") for n in noise}}
     for other, fields in allowed.items():
-        bad = differing(ref_config, config_of(other), fields)
+        bad = differing(ref_config, config_of(other), (*fields, *ignore))
         if bad:
             raise ValueError(
                 f"{other}: its config differs from {reference}'s in {bad}, beyond {list(fields)}"
@@ -101,6 +106,7 @@ def compare(reference: str, candidate: str, noise: Sequence[str] = ()) -> dict:
         "candidate": os.path.abspath(candidate),
         "dtypes": [config.get("model.dtype", "float32") for config in (ref_config, cand_config)],
         "noise": [os.path.abspath(n) for n in noise],
+        "ignored_fields": list(ignore),
         "rows": rows,
     }
 
@@ -111,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("candidate")
     parser.add_argument("--noise", nargs="*", default=[], help="Other seeds of REFERENCE.")
     parser.add_argument("--out", help="Also write the comparison as JSON here.")
+    parser.add_argument("--ignore", nargs="*", default=[], help="Config fields not compared.")
     args = parser.parse_args(argv)
     try:
-        result = compare(args.reference, args.candidate, args.noise)
+        result = compare(args.reference, args.candidate, args.noise, args.ignore)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"precision_check.py: {e}\n")
     if not result["rows"]:

@@ -53,3 +53,6 @@ def test_a_config_that_differs_beyond_the_dtype_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         precision_check.main([ref, ref, "--noise", longer])
     assert "'num_train_steps']" in capsys.readouterr().err
+    ignored = ["num_train_steps", "beta_schedule.total_steps"]
+    result = precision_check.main([ref, ref, "--noise", longer, "--ignore", *ignored])
+    assert result["ignored_fields"] == ignored
