@@ -24,22 +24,11 @@ import json
 import os
 from collections.abc import Sequence
 
-from vae_jax.run import workdirs
-
-
-def flat(config: dict, prefix: str = "") -> dict[str, object]:
-    """``{"model.dtype": "float32", …}`` of a nested config dictionary."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+from vae_jax.run import workdirs, writers
 
 
 def config_of(workdir: str) -> dict[str, object]:
-    return flat(workdirs.load_config(workdir).to_dict())
+    return workdirs.flat_config(workdirs.load_config(workdir))
 
 
 def differing(a: dict, b: dict, allowed: Sequence[str]) -> list[str]:
@@ -50,16 +39,13 @@ def differing(a: dict, b: dict, allowed: Sequence[str]) -> list[str]:
 
 def validations(workdir: str) -> dict[int, dict[str, float]]:
     """{step: {figure: value}} of the run's ``valid_*`` records (the last one of a step)."""
-    path = os.path.join(workdir, workdirs.METRICS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: absent; is {workdir} a vae_jax workdir?")
+    if not os.path.exists(os.path.join(workdir, workdirs.METRICS)):
+        raise FileNotFoundError(f"{workdir}: no {workdirs.METRICS}; is it a vae_jax workdir?")
     out: dict[int, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            figures = {k: v for k, v in record.items() if k.startswith("valid_")}
-            if figures:
-                out[int(record["step"])] = figures
+    for record in writers.read_metrics(workdir):
+        figures = {k: v for k, v in record.items() if k.startswith("valid_")}
+        if figures:
+            out[int(record["step"])] = figures
     return out
 
 
