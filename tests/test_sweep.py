@@ -1,4 +1,5 @@
-"""Sweeps (`vae_jax.sweep`): the helpers, the plan (packing seeds into populations), a run."""
+"""Sweeps (`vae_jax.run.sweep`; the command `vae_jax.sweep`): the helpers, the plan (packing
+seeds into populations), a run."""
 
 import json
 import os
@@ -6,8 +7,8 @@ import textwrap
 
 import pytest
 
-from vae_jax import sweep
-from vae_jax.run import build, population, writers
+from vae_jax import sweep as sweep_cli
+from vae_jax.run import build, population, sweep, writers
 
 TINY = {  # configs/synthetic.py shrunk as conftest.tiny_synthetic_config does
     "num_train_steps": 20, "log_every_steps": 10, "eval_every_steps": 20, "batch_size": 8,
@@ -66,7 +67,7 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
     sweep_file.write_text(
         textwrap.dedent(
             f"""
-            from vae_jax.sweep import product, sweep
+            from vae_jax.run.sweep import product, sweep
             TINY = {TINY!r}
             def get_sweep():
                 runs = product([sweep("config", ["configs/synthetic.py:cyclical"]),
@@ -77,9 +78,9 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
         )
     )
     workdir = str(tmp_path / "sweep")
-    assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", "--dry_run"]) == {}
+    assert sweep_cli.main([f"--sweep={sweep_file}", f"--workdir={workdir}", "--dry_run"]) == {}
     assert not os.path.exists(workdir)
-    status = sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}"])
+    status = sweep_cli.main([f"--sweep={sweep_file}", f"--workdir={workdir}"])
     assert sorted(status.values()) == [0, 0] and len(status) == 2
     names = sorted(n for n in os.listdir(workdir) if not n.endswith(".log"))
     pop = [n for n in names if n.endswith("seed-0-1")][0]
@@ -91,14 +92,16 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
         with open(os.path.join(workdir, run, "config.json")) as f:
             assert json.load(f)["seed"] == k
         assert writers.read_metrics(os.path.join(workdir, run))[-1]["step"] == 20
-    again = sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}"])
+    again = sweep_cli.main([f"--sweep={sweep_file}", f"--workdir={workdir}"])
     assert again == status  # skipped as done: nothing ran (no new records)
     assert writers.read_metrics(os.path.join(workdir, "synthetic-constant.seed-5"))
 
     # --evaluate scores every run of the finished sweep, a population's members each on their
     # own, and a rerun with the same flags scores none again.
     flags = "--num_importance_samples=2 --num_prior_samples=16 --checkpoint=last"
-    scored = sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"])
+    scored = sweep_cli.main(
+        [f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"]
+    )
     runs = [n for n in names if ".seed-" in n and n != pop]
     assert sorted(scored) == sorted([*status, *(f"{r}:evaluate" for r in runs)])
     assert not any(scored.values())
@@ -113,7 +116,7 @@ def test_sweep_runs_resumes_and_skips(tmp_path, monkeypatch):
                 run if "constant" in run else os.path.join("members", run[-1])
             )
     stamps = {run: os.stat(eval_file(run)).st_mtime_ns for run in runs}
-    assert sweep.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"])
+    assert sweep_cli.main([f"--sweep={sweep_file}", f"--workdir={workdir}", f"--evaluate={flags}"])
     assert {run: os.stat(eval_file(run)).st_mtime_ns for run in runs} == stamps
 
 
@@ -148,7 +151,7 @@ def test_a_run_name_too_long_for_a_file_name_is_refused_by_the_dry_run(tmp_path,
         "    return [{'config': 'c.py:x', 'init_from': f'runs/{c}' * 40} for c in 'ab']\n"
     )
     with pytest.raises(ValueError, match=r"run name c-x.init_from-runs_a.*is 2\d\d bytes"):
-        sweep.main([f"--sweep={tmp_path / 's.py'}", f"--workdir={tmp_path}", "--dry_run"])
+        sweep_cli.main([f"--sweep={tmp_path / 's.py'}", f"--workdir={tmp_path}", "--dry_run"])
 
 
 class FakeTraining:
@@ -185,15 +188,15 @@ def test_a_finished_job_the_sweep_has_changed_since_is_reported_not_kept_silentl
     with the new settings (--allow_config_change), and it is done after that."""
     monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
     FakeTraining.commands = []
-    sweep.main(sweep_with(tmp_path, 20, [0]))
+    sweep_cli.main(sweep_with(tmp_path, 20, [0]))
     assert len(FakeTraining.commands) == 1
     with pytest.raises(RuntimeError, match=r"no longer match the sweep: \['c-x.seed-0'\]"):
-        sweep.main(sweep_with(tmp_path, 40, [0]))
+        sweep_cli.main(sweep_with(tmp_path, 40, [0]))
     assert len(FakeTraining.commands) == 1  # kept, not retrained
-    sweep.main([*sweep_with(tmp_path, 40, [0]), "--rerun_changed"])
+    sweep_cli.main([*sweep_with(tmp_path, 40, [0]), "--rerun_changed"])
     assert "--config.num_train_steps=40" in FakeTraining.commands[-1]
     assert "--allow_config_change" in FakeTraining.commands[-1]
-    assert sweep.main(sweep_with(tmp_path, 40, [0])) == {"c-x.seed-0": 0}  # done now
+    assert sweep_cli.main(sweep_with(tmp_path, 40, [0])) == {"c-x.seed-0": 0}  # done now
 
 
 def test_a_population_that_grows_trains_only_its_new_members(tmp_path, monkeypatch):
@@ -201,11 +204,11 @@ def test_a_population_that_grows_trains_only_its_new_members(tmp_path, monkeypat
     seeds 0 and 1 keep their population and their links into it."""
     monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
     FakeTraining.commands = []
-    sweep.main(sweep_with(tmp_path, 20, [0, 1]))
+    sweep_cli.main(sweep_with(tmp_path, 20, [0, 1]))
     assert os.readlink(tmp_path / "w" / "c-x.seed-0") == os.path.join(
         "c-x.seed-0-1", "members", "0"
     )
-    status = sweep.main(sweep_with(tmp_path, 20, [0, 1, 2]))
+    status = sweep_cli.main(sweep_with(tmp_path, 20, [0, 1, 2]))
     (command,) = FakeTraining.commands[1:]
     assert f"--workdir={tmp_path / 'w' / 'c-x.seed-2'}" in command
     assert "--config.seed=2" in command and "--config.data_seed=0" in command
@@ -233,7 +236,7 @@ def test_an_orphaned_training_is_waited_for_and_its_job_recorded(tmp_path, monke
     assert orphan.stdout.readline() == "held\n"
     monkeypatch.setattr(sweep.subprocess, "Popen", FakeTraining)
     FakeTraining.commands = []
-    assert sweep.main(sweep_with(tmp_path, 20, [0])) == {"c-x.seed-0": 0}
+    assert sweep_cli.main(sweep_with(tmp_path, 20, [0])) == {"c-x.seed-0": 0}
     out = capsys.readouterr().out
     assert f"waiting: c-x.seed-0: its workdir is held by pid {orphan.pid}" in out
     assert out.index("waiting:") < out.index("start: c-x.seed-0")
@@ -249,7 +252,7 @@ def test_a_runner_killed_takes_its_training_with_it(tmp_path):
     import time
 
     script = (
-        "import sys\nfrom vae_jax import sweep\n"
+        "import sys\nfrom vae_jax.run import sweep\n"
         "class Job(sweep.Job):\n"
         "    def command(self, workdir, allow_config_change=False):\n"
         "        return [sys.executable, '-c', 'import time; time.sleep(60)']\n"
@@ -283,7 +286,7 @@ def test_a_runner_killed_takes_its_training_with_it(tmp_path):
 def _tiny_sweep_file(tmp_path):
     path = tmp_path / "tiny_tpu.py"
     path.write_text(
-        "from vae_jax.sweep import product, sweep\n"
+        "from vae_jax.run.sweep import product, sweep\n"
         "def get_sweep():\n"
         "    return product([sweep('config', ['configs/ptb.py:cyclical']),\n"
         "                    sweep('seed', [0, 1])])\n"
@@ -294,11 +297,11 @@ def _tiny_sweep_file(tmp_path):
 def test_tpu_dry_run_installs_passes_data_and_names_zone_and_project(tmp_path, capsys):
     argv = [f"--sweep={_tiny_sweep_file(tmp_path)}", "--workdir=/mnt/shared/t", "--dry_run"]
     with pytest.raises(ValueError, match=r"--tpu=pod: pass --zone="):
-        sweep.main([*argv, "--tpu=pod"])
+        sweep_cli.main([*argv, "--tpu=pod"])
     with pytest.raises(ValueError, match=r"--workdir=rel: with --tpu, an absolute path"):
-        sweep.main([*argv[:1], "--workdir=rel", "--dry_run", "--tpu=pod", "--zone=z"])
+        sweep_cli.main([*argv[:1], "--workdir=rel", "--dry_run", "--tpu=pod", "--zone=z"])
     capsys.readouterr()
-    sweep.main([*argv, "--tpu=pod", "--zone=europe-west4-a", "--project=proj",
+    sweep_cli.main([*argv, "--tpu=pod", "--zone=europe-west4-a", "--project=proj",
                 "--tpu_data_dir=/data/corpora"])  # fmt: skip
     out = capsys.readouterr().out
     assert "us-central2-b" not in out
@@ -325,7 +328,7 @@ def test_object_store_workdirs_are_refused_before_anything_runs(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     message = r"^--workdir=gs://b/run: object stores \(gs://\) are not supported .* gcsfuse"
     with pytest.raises(ValueError, match=message):
-        sweep.main([f"--sweep={_tiny_sweep_file(tmp_path)}", "--workdir=gs://b/run"])
+        sweep_cli.main([f"--sweep={_tiny_sweep_file(tmp_path)}", "--workdir=gs://b/run"])
     with pytest.raises(ValueError, match=message):
         loop.train_and_evaluate(tiny_synthetic_config(), "gs://b/run")
     with pytest.raises(ValueError, match=message):
@@ -347,7 +350,7 @@ def test_status_says_where_each_run_is(tmp_path, capsys):
 
     def status() -> list[str]:
         capsys.readouterr()
-        assert sweep.main(argv) == {}
+        assert sweep_cli.main(argv) == {}
         return [line.strip() for line in capsys.readouterr().out.splitlines()[1:]]
 
     # 850 steps left of 10 epochs × 100 steps, at 2 steps/s: 425 s.

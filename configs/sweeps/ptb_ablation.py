@@ -14,7 +14,7 @@ constant lr, monotonic β with restarts); the other two are Table 1's rows
 (`configs/sweeps/ptb_table1.py`), seed 0 of every cell first.
 """
 
-from vae_jax.sweep import product, sweep
+from vae_jax.run.sweep import product, sweep
 
 CELLS = ("cyclical", "monotonic", "cyclical_lr_constant", "monotonic_lr_restarts")
 

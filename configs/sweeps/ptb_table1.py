@@ -25,7 +25,7 @@ a slightly lower total throughput, and the archive keeps it once it is done.
 are gone (in the mean ± std, not the curves).
 """
 
-from vae_jax.sweep import product, sweep
+from vae_jax.run.sweep import product, sweep
 
 MODELS = {"vae": "", "savae": "savae_"}
 

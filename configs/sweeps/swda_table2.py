@@ -18,7 +18,7 @@ bfloat16 operands (``model.dtype``; about 1.2× faster on a CPU with AVX-512 BF1
 `benchmarks/results/cvae_bf16_cpu.json`), the run names unchanged.
 """
 
-from vae_jax.sweep import product, sweep
+from vae_jax.run.sweep import product, sweep
 
 VARIANTS = ("cvae_cyclical", "cvae_monotonic", "cvae_bow_cyclical", "cvae_bow_monotonic")
 

@@ -22,7 +22,7 @@ last. Li et al.'s (2019) "AE + FB" row starts from the autoencoder once it is do
 definition, so a short run is the start of the full one).
 """
 
-from vae_jax.sweep import product, sweep
+from vae_jax.run.sweep import product, sweep
 
 
 def get_sweep(epochs: str = "100"):
