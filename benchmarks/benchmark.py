@@ -29,6 +29,11 @@ embedding E, hidden H, latent Z, vocabulary V; a matmul of m×k by k×n costs 2m
     train    3 × forward                           backward ≈ 2 × forward
 Elementwise work (gates, softmax, Adam) is not counted: the fraction of peak is a lower bound.
 
+The Yelp row (``yelp_17``) is `configs/yelp.py`'s model (a CNN encoder of three convolutions,
+300, 600 and 900 filters of width 5, stride 2, the last spanning what is left of a window of 25
+positions; latent 256; decoder LSTM 256; embeddings shared with the output, vocabulary 3,641)
+on rows of 17 tokens; its encoder's FLOPs are the convolutions' (`step_flops`).
+
 The ``*_plain`` rows are the same model with ``kernels="plain"`` (`vae_jax.core.kernels`:
 jax.grad of plain code, what ``auto`` picks on GPU/TPU), to show what the CPU kernels buy
 here; ``*_bf16`` rows use bfloat16 matmul operands (``model.dtype``; FLOPs counted as for
@@ -92,7 +97,15 @@ CONFIGS = {
     "ptb_23": (256, 256, 32, 10_002, 32, 23),
     "ptb_40": (256, 256, 32, 10_002, 32, 40),
     "savae_size_23": (512, 1024, 32, 10_002, 32, 23),
+    "yelp_17": (256, 256, 256, 3_641, 32, 17),
 }
+# Configs with the CNN encoder (`configs/yelp.py`'s): their model fields.
+CNN_ENCODERS = {
+    "yelp_17": dict(
+        encoder="cnn", cnn_filters=(300, 600, 900), cnn_width=5, cnn_stride=2, cnn_length=17,
+        embedding="shared_normalized",
+    ),
+}  # fmt: skip
 # The PTB model with other layers (`vae_jax.core.kernels`): plain (for GPU/TPU) instead of the CPU
 # ones, and bfloat16 matmul operands; name: (base config, kernels, dtype).
 VARIANTS = {
@@ -109,11 +122,25 @@ CVAE_CONFIGS["cvae_swda_bf16"] = CVAE_CONFIGS["cvae_swda"]  # bfloat16 matmul op
 POPULATIONS = {f"ptb_23_pop{k}": k for k in (1, 2, 4, 8)}
 
 
-def step_flops(emb: int, hidden: int, latent: int, vocab: int, batch: int, length: int) -> float:
-    """Matmul FLOPs of one train step (see the module docstring)."""
+def step_flops(
+    emb: int, hidden: int, latent: int, vocab: int, batch: int, length: int, cnn: dict | None = None
+) -> float:
+    """Matmul FLOPs of one train step (see the module docstring); ``cnn``: a CNN encoder's
+    fields (`CNN_ENCODERS`), whose layers cost B·L'·2·W·C·F each (L' windows of W·C inputs)."""
     e, h, z, v = emb, hidden, latent, vocab
     encoder = batch * length * (2 * e * 4 * h + 2 * h * 4 * h)
-    heads = batch * (2 * h * 2 * z + 2 * z * h + 2 * z * 4 * h)
+    if cnn:
+        h = cnn["cnn_filters"][-1]  # the heads read the last convolution's features
+        width, stride = cnn["cnn_width"], cnn["cnn_stride"]
+        positions, channels, encoder = cnn["cnn_length"] + 2 * (width - 1), e, 0
+        for i, filters in enumerate(cnn["cnn_filters"]):
+            last = i == len(cnn["cnn_filters"]) - 1
+            w, s = (positions, 1) if last else (width, stride)
+            positions = (positions - w) // s + 1
+            encoder += batch * positions * 2 * w * channels * filters
+            channels = filters
+    heads = batch * (2 * h * 2 * z + 2 * z * hidden + 2 * z * 4 * hidden)
+    h = hidden
     decoder = batch * (length - 1) * (2 * e * 4 * h + 2 * h * 4 * h + 2 * h * v)
     return 3.0 * (encoder + heads + decoder)
 
@@ -274,6 +301,7 @@ def train_step_call(name: str) -> Callable[[], dict]:
     base, kernels, dtype = VARIANTS.get(name, (name, "cpu", "float32"))
     emb, hidden, latent, vocab, batch, length = CONFIGS[base]
     config = model_config(emb, hidden, latent, kernels, dtype)
+    config.model.update(CNN_ENCODERS.get(base, {}))
     model = _make_model(config, vocab)
     beta_fn = lr_fn = lambda step: jnp.float32(1e-3)  # noqa: E731
     state = steps.create_train_state(config, model, lr_fn, jax.random.PRNGKey(0), length)
@@ -308,7 +336,8 @@ def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None
     members = POPULATIONS.get(name, 1)
     sizes = CONFIGS["ptb_23" if name in POPULATIONS else VARIANTS.get(name, (name,))[0]]
     emb, hidden, latent, _, batch, length = sizes
-    flops = members * step_flops(*sizes)
+    base = "ptb_23" if name in POPULATIONS else VARIANTS.get(name, (name,))[0]
+    flops = members * step_flops(*sizes, cnn=CNN_ENCODERS.get(base))
     row = summarize(name, (emb, hidden, latent, batch, length), timing, flops)
     if name in POPULATIONS:
         row["members"] = members

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import run_python, tiny_synthetic_config
+from flax import linen as nn
 
-from vae_jax.core import models
+from vae_jax.core import kernels, models
 from vae_jax.data import text
 from vae_jax.run import build, loop
 
@@ -38,6 +39,33 @@ def test_cnn_encoder_window_and_shapes():
         models.VAE(vocab_size=20, encoder="cnn", cnn_length=2).init(
             jax.random.PRNGKey(1), tokens, keys, train=False
         )
+
+
+@pytest.mark.parametrize("width,stride", [(3, 2), (5, 2), (4, 1), (12, 1)])
+def test_patch_conv_is_nn_conv(width, stride):
+    """`kernels.PatchConv` (the CNN encoder's layer) is ``nn.Conv`` (VALID, strided): the same
+    parameters (names, shapes, initial values: runs saved with ``nn.Conv`` restore), outputs and
+    gradients; its bfloat16 operands stay close."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 5))
+    init = nn.initializers.normal(0.3)
+    conv = nn.Conv(
+        7, (width,), strides=(stride,), padding="VALID", kernel_init=init, bias_init=init
+    )
+    patch = kernels.PatchConv(7, width, stride, kernel_init=init, bias_init=init)
+    params = conv.init(jax.random.PRNGKey(1), x)
+    jax.tree.map(np.testing.assert_array_equal, patch.init(jax.random.PRNGKey(1), x), params)
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    np.testing.assert_allclose(patch.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
+    expected = jax.grad(loss, argnums=(1, 2))(conv, params, x)
+    got = jax.grad(loss, argnums=(1, 2))(patch, params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, expected)
+    bf16 = kernels.PatchConv(7, width, stride, kernel_init=init, bias_init=init, dtype="bfloat16")
+    y, y16 = conv.apply(params, x), bf16.apply(params, x)
+    assert y16.dtype == jnp.float32 and not np.array_equal(y16, y)
+    np.testing.assert_allclose(y16, y, atol=0.05 * float(jnp.max(jnp.abs(y))))
 
 
 def test_shared_normalized_embedding_ties_input_and_output():

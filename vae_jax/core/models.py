@@ -104,15 +104,15 @@ class VAE(nn.Module):
             self.enc_embed = nn.Embed(self.vocab_size, self.enc_emb_dim, embedding_init=init)
         if self.encoder == "cnn":
             self.enc_conv = [
-                nn.Conv(
+                kernels.PatchConv(
                     features,
-                    (width,),
-                    strides=(stride,),
-                    padding="VALID",
+                    width,
+                    stride,
                     kernel_init=init,
                     bias_init=init,
+                    dtype=self.dtype,
                     name=f"enc_conv_{i}",
-                )  # fmt: skip
+                )
                 for i, (features, width, stride) in enumerate(self._cnn_layers())
             ]
             h_enc = self.cnn_filters[-1]
