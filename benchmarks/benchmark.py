@@ -126,23 +126,28 @@ def step_flops(
     emb: int, hidden: int, latent: int, vocab: int, batch: int, length: int, cnn: dict | None = None
 ) -> float:
     """Matmul FLOPs of one train step (see the module docstring); ``cnn``: a CNN encoder's
-    fields (`CNN_ENCODERS`), whose layers cost B·L'·2·W·C·F each (L' windows of W·C inputs)."""
+    fields (`CNN_ENCODERS`) in place of the LSTM encoder."""
     e, h, z, v = emb, hidden, latent, vocab
-    encoder = batch * length * (2 * e * 4 * h + 2 * h * 4 * h)
     if cnn:
-        h = cnn["cnn_filters"][-1]  # the heads read the last convolution's features
-        width, stride = cnn["cnn_width"], cnn["cnn_stride"]
-        positions, channels, encoder = cnn["cnn_length"] + 2 * (width - 1), e, 0
-        for i, filters in enumerate(cnn["cnn_filters"]):
-            last = i == len(cnn["cnn_filters"]) - 1
-            w, s = (positions, 1) if last else (width, stride)
-            positions = (positions - w) // s + 1
-            encoder += batch * positions * 2 * w * channels * filters
-            channels = filters
-    heads = batch * (2 * h * 2 * z + 2 * z * hidden + 2 * z * 4 * hidden)
-    h = hidden
+        encoder, features = cnn_flops(batch, emb, cnn), cnn["cnn_filters"][-1]
+    else:
+        encoder, features = batch * length * (2 * e * 4 * h + 2 * h * 4 * h), h
+    heads = batch * (2 * features * 2 * z + 2 * z * h + 2 * z * 4 * h)
     decoder = batch * (length - 1) * (2 * e * 4 * h + 2 * h * 4 * h + 2 * h * v)
     return 3.0 * (encoder + heads + decoder)
+
+
+def cnn_flops(batch: int, emb: int, cnn: dict) -> float:
+    """Forward FLOPs of a CNN encoder (`models.VAE._cnn_layers`): each layer B·L'·2·W·C·F,
+    L' windows of W positions × C channels, the last layer spanning what is left."""
+    width, stride = cnn["cnn_width"], cnn["cnn_stride"]
+    positions, channels, flops = cnn["cnn_length"] + 2 * (width - 1), emb, 0
+    for i, filters in enumerate(cnn["cnn_filters"]):
+        w, s = (positions, 1) if i == len(cnn["cnn_filters"]) - 1 else (width, stride)
+        positions = (positions - w) // s + 1
+        flops += batch * positions * 2 * w * channels * filters
+        channels = filters
+    return flops
 
 
 @functools.cache
@@ -334,9 +339,9 @@ def bench_train_step(name: str, steps: int, warmup: int, profile_dir: str | None
         with jax.profiler.trace(os.path.join(profile_dir, name), create_perfetto_trace=True):
             timed(call, PROFILED_STEPS)
     members = POPULATIONS.get(name, 1)
-    sizes = CONFIGS["ptb_23" if name in POPULATIONS else VARIANTS.get(name, (name,))[0]]
-    emb, hidden, latent, _, batch, length = sizes
     base = "ptb_23" if name in POPULATIONS else VARIANTS.get(name, (name,))[0]
+    sizes = CONFIGS[base]
+    emb, hidden, latent, _, batch, length = sizes
     flops = members * step_flops(*sizes, cnn=CNN_ENCODERS.get(base))
     row = summarize(name, (emb, hidden, latent, batch, length), timing, flops)
     if name in POPULATIONS:

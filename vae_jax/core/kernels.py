@@ -128,8 +128,8 @@ class PatchConv(nn.Module):
         y[…, i, :] = Σ_{j<W} x[…, s·i + j, :] · kernel[j] + bias.
 
     The same sums as ``nn.Conv``. On XLA's CPU backend its strided convolutions and their
-    gradients run far below the matmul rate: this form made the Yelp encoder about 4× faster
-    (`benchmarks/results/yelp_cnn_cpu.json`). ``dtype``: the matmul's operands (`dot`).
+    gradients run far below the matmul rate: this form made the Yelp train step 1.68× faster
+    (`benchmarks/results/yelp_cnn_ab.json`). ``dtype``: the matmul's operands (`dot`).
     """
 
     features: int
